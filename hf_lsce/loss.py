@@ -1,0 +1,326 @@
+"""Class-weighted, label-smoothed cross-entropy: the one implementation of the loss.
+
+Notation used throughout (K classes, logits ``x`` of one position, ``logp = log_softmax(x)``):
+
+* ``smoothing_style="uniform"``: target distribution ``q = (1 - eps) * one_hot(y) + eps / K``
+  (PyTorch, Transformers' ``LabelSmoother``, Szegedy et al. 2016).
+* ``smoothing_style="off_target"``: ``q_y = 1 - eps`` and ``q_c = eps / (K - 1)`` for every ``c != y``
+  (fairseq, the seed notebook). It is exactly ``uniform`` with ``eps * K / (K - 1)``, which is how it is computed.
+
+Both are ``q = a * one_hot(y) + b`` with ``a = 1 - eps'`` and ``b = eps' / K``, so the per-position loss
+``-sum_c v_c q_c logp_c`` needs only ``logp_y`` and one reduction over the classes; no ``(..., K)`` target is built.
+``v_c`` is the class weight ``w_c`` (``weight_mode="torch"``) or the true class's weight ``w_y`` for every ``c``
+(``weight_mode="example"``).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+REDUCTIONS = ("mean", "sum", "none")
+SMOOTHING_STYLES = ("uniform", "off_target")
+WEIGHT_MODES = ("torch", "example")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index) -> None:
+    """Checks the arguments that do not depend on tensors; shared by the function and the module."""
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
+        raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("smoothing_style", smoothing_style, SMOOTHING_STYLES)
+    _check_choice("weight_mode", weight_mode, WEIGHT_MODES)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _check_weight(weight: Tensor | None, num_classes: int | None, validate: bool) -> None:
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor of shape (K,), got {_describe(weight)}")
+    if weight.dim() != 1 or (num_classes is not None and weight.shape[0] != num_classes):
+        expected = f"({num_classes},)" if num_classes is not None else "(K,)"
+        raise ValueError(f"weight must have shape {expected}, got {tuple(weight.shape)}")
+    if validate:
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"weight must be finite, got {weight.tolist()}")
+        if bool((weight < 0).any()):
+            raise ValueError(f"weight must be non-negative, got {weight.tolist()}")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _smoothing_coefficients(num_classes: int, label_smoothing: float, smoothing_style: str) -> tuple[float, float]:
+    """Returns ``(a, b)`` with the target distribution ``q = a * one_hot(y) + b`` (``b`` on every class)."""
+    eps = float(label_smoothing)
+    if smoothing_style == "off_target":
+        eps = eps * num_classes / (num_classes - 1)
+    return 1.0 - eps, eps / num_classes
+
+
+def _compute_dtype(input: Tensor) -> torch.dtype:
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def _check_tensors(input: Tensor, target: Tensor, ignore_index: int, validate: bool) -> None:
+    if not isinstance(input, Tensor) or not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor of logits (..., K), got {_describe(input)}")
+    if input.dim() == 0:
+        raise ValueError("input must have at least one dimension (the classes, last), got a 0-d tensor")
+    num_classes = input.shape[-1]
+    if num_classes < 2:
+        raise ValueError(f"input must have at least 2 classes in its last dimension, got K={num_classes}")
+    if not isinstance(target, Tensor) or target.dtype == torch.bool or target.is_complex():
+        raise TypeError(
+            "target must be an integer tensor of class indices or a floating-point tensor of probabilities, "
+            f"got {_describe(target)}"
+        )
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise ValueError(
+                f"probability target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
+            )
+        if validate and not bool(((target >= 0) & torch.isfinite(target)).all()):
+            raise ValueError("probability target must be finite and non-negative")
+        return
+    if target.shape != input.shape[:-1]:
+        raise ValueError(
+            f"target must have shape {tuple(input.shape[:-1])} (input's shape without its last, class, dimension), "
+            f"got {tuple(target.shape)}"
+        )
+    if validate and target.numel() > 0:
+        bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+        if bool(bad.any()):
+            value = int(target[bad].flatten()[0])
+            raise ValueError(
+                f"target contains label {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}"
+            )
+
+
+def _check_normalizer(normalizer, reduction: str, validate: bool) -> None:
+    if normalizer is None:
+        return
+    if reduction != "mean":
+        raise ValueError(f"normalizer replaces the denominator of reduction='mean', got reduction={reduction!r}")
+    if isinstance(normalizer, Tensor):
+        if normalizer.dim() != 0:
+            raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
+        if validate and not bool(normalizer > 0):
+            raise ValueError(f"normalizer must be > 0, got {normalizer.item()}")
+    elif isinstance(normalizer, numbers.Real) and not isinstance(normalizer, bool):
+        if not normalizer > 0:
+            raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    else:
+        raise TypeError(f"normalizer must be a number or a 0-d tensor, got {_describe(normalizer)}")
+
+
+def mean_denominator(
+    target: Tensor, weight: Tensor | None = None, ignore_index: int = -100, *, weight_mode: str = "torch"
+) -> Tensor:
+    """What ``reduction="mean"`` divides by, as a 0-d float tensor.
+
+    For class-index targets this is ``sum_i w[y_i]`` over the positions whose label is not ``ignore_index``
+    (their count when ``weight`` is None), in both weight modes; it equals the denominator of
+    ``F.cross_entropy(..., weight=weight, reduction="mean")``. For probability targets it is the number of rows
+    with a positive sum in ``weight_mode="torch"`` (PyTorch divides by the batch size) and ``sum_i w . t_i`` in
+    ``weight_mode="example"``. Summing it over micro-batches and processes gives the full-batch denominator to
+    pass as ``normalizer``.
+
+    Args:
+        target (`torch.Tensor`): class indices ``(...)`` or probabilities ``(..., K)``.
+        weight (`torch.Tensor`, *optional*): class weights ``(K,)``.
+        ignore_index (`int`, *optional*, defaults to `-100`): label of positions that count nowhere.
+        weight_mode (`str`, *optional*, defaults to `"torch"`): see `label_smoothed_cross_entropy`.
+    """
+    _check_choice("weight_mode", weight_mode, WEIGHT_MODES)
+    dtype = weight.dtype if weight is not None and weight.dtype == torch.float64 else torch.float32
+    if target.is_floating_point():
+        if weight is None or weight_mode == "torch":
+            return (target.sum(-1) > 0).sum().to(dtype)
+        return (target.to(dtype) @ weight.to(dtype)).sum()
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum().to(dtype)
+    return torch.where(valid, weight.to(dtype)[target.where(valid, 0)], 0).sum()
+
+
+def label_smoothed_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    smoothing_style: str = "uniform",
+    weight_mode: str = "torch",
+    normalizer: float | Tensor | None = None,
+    validate: bool = True,
+) -> Tensor:
+    """Label-smoothed, class-weighted cross-entropy over logits whose classes are in the last dimension.
+
+    With ``smoothing_style="uniform"`` and ``weight_mode="torch"`` this equals
+    ``F.cross_entropy(input.flatten(0, -2), target.flatten(), weight, ignore_index=ignore_index,
+    reduction=reduction, label_smoothing=label_smoothing)`` (reshaped back for ``reduction="none"``), except that a
+    batch whose positions are all ignored gives 0 with zero gradients instead of NaN.
+
+    The per-position loss is ``-sum_c v_c q_c log_softmax(input)_c`` where ``q`` is the smoothed target:
+
+    * ``"uniform"``: ``q = (1 - eps) * one_hot(y) + eps / K``;
+    * ``"off_target"``: ``q_y = 1 - eps`` and ``eps / (K - 1)`` on each other class, i.e. ``"uniform"`` with
+      ``eps * K / (K - 1)``;
+
+    and ``v_c = weight[c]`` (``weight_mode="torch"``, PyTorch's semantics: the weights also re-shape the smoothing
+    mass) or ``v_c = weight[y]`` (``weight_mode="example"``: the whole smoothed loss of a position is scaled by its
+    true class's weight). ``reduction="mean"`` divides the sum by `mean_denominator`: ``sum_i weight[y_i]`` over
+    non-ignored positions (their count without weights), for both modes.
+
+    Logits in fp16/bf16 are computed in fp32 and the loss is fp32 (fp64 stays fp64); the input's gradient has the
+    input's dtype. No ``(..., K)`` one-hot or smoothed target is built for class-index targets.
+
+    Args:
+        input (`torch.Tensor` of shape `(..., K)`): unnormalized logits, classes last (the Transformers layout).
+        target (`torch.Tensor`): integer class indices of shape `(...)`, where ``ignore_index`` marks padding; or
+            floating-point probabilities of shape `(..., K)`, where rows that sum to 0 are ignored (smoothing then
+            mixes ``eps / K`` times the row's sum into each class, which is PyTorch's rule for rows summing to 1).
+        weight (`torch.Tensor` of shape `(K,)`, *optional*): non-negative class weights.
+        ignore_index (`int`, *optional*, defaults to `-100`): label that costs nothing and counts nowhere.
+        reduction (`str`, *optional*, defaults to `"mean"`): ``"mean"``, ``"sum"`` or ``"none"`` (shape of the
+            positions, 0 at ignored ones).
+        label_smoothing (`float`, *optional*, defaults to `0.0`): ``eps`` in [0, 1].
+        smoothing_style (`str`, *optional*, defaults to `"uniform"`): ``"uniform"`` or ``"off_target"``.
+        weight_mode (`str`, *optional*, defaults to `"torch"`): ``"torch"`` or ``"example"``.
+        normalizer (`float` or 0-d `torch.Tensor`, *optional*): with ``reduction="mean"``, divide the sum by this
+            instead of `mean_denominator` (e.g. the denominator summed over an accumulation window and all
+            processes). Must be > 0.
+        validate (`bool`, *optional*, defaults to `True`): check label range, weight and normalizer values. These
+            checks read tensor values, which synchronizes with the GPU; pass False in a hot loop once inputs are
+            trusted.
+
+    Returns:
+        `torch.Tensor`: 0-d for ``"mean"`` and ``"sum"``, the positions' shape for ``"none"``; fp32 (fp64 for fp64
+        input).
+    """
+    _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
+    _check_tensors(input, target, ignore_index, validate)
+    _check_weight(weight, input.shape[-1], validate)
+    _check_normalizer(normalizer, reduction, validate)
+
+    num_classes = input.shape[-1]
+    a, b = _smoothing_coefficients(num_classes, label_smoothing, smoothing_style)
+    dtype = _compute_dtype(input)
+    w = None if weight is None else weight.to(dtype)
+    logp = F.log_softmax(input.reshape(-1, num_classes).to(dtype), dim=-1)
+
+    if target.is_floating_point():
+        t = target.reshape(-1, num_classes).to(dtype)
+        q = a * t + b * t.sum(-1, keepdim=True)
+        if w is None:
+            losses = -(q * logp).sum(-1)
+        elif weight_mode == "torch":
+            losses = -(q * logp) @ w
+        else:
+            losses = -(t @ w) * (q * logp).sum(-1)
+        positions = input.shape[:-1]
+    else:
+        y = target.reshape(-1)
+        valid = y != ignore_index
+        y = y.where(valid, 0)
+        logp_y = logp.gather(1, y[:, None]).squeeze(1)
+        if w is None:
+            losses = -(a * logp_y + b * logp.sum(-1))
+        else:
+            w_y = w[y]
+            smooth = logp @ w if weight_mode == "torch" else w_y * logp.sum(-1)
+            losses = -(a * w_y * logp_y + b * smooth)
+        losses = torch.where(valid, losses, 0)
+        positions = target.shape
+
+    if reduction == "none":
+        return losses.reshape(positions)
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    if normalizer is None:
+        normalizer = mean_denominator(target, weight, ignore_index, weight_mode=weight_mode)
+    return _safe_divide(total, torch.as_tensor(normalizer, dtype=dtype, device=total.device))
+
+
+def _safe_divide(total: Tensor, denominator: Tensor) -> Tensor:
+    """``total / denominator``, or 0 with zero gradients when nothing counts (PyTorch returns NaN there)."""
+    positive = denominator > 0
+    return torch.where(positive, total / torch.where(positive, denominator, 1), 0 * total)
+
+
+class LabelSmoothedCrossEntropyLoss(nn.Module):
+    """Module form of `label_smoothed_cross_entropy`; it validates its arguments and calls the function.
+
+    ``weight`` is a buffer: it moves with ``.to()`` and is saved in ``state_dict``. With the defaults this is
+    ``nn.CrossEntropyLoss(weight, ignore_index=..., label_smoothing=...)`` for logits with classes last.
+
+    Args:
+        weight (`torch.Tensor` of shape `(K,)`, *optional*): non-negative class weights.
+        ignore_index (`int`, *optional*, defaults to `-100`): label that costs nothing and counts nowhere.
+        reduction (`str`, *optional*, defaults to `"mean"`): ``"mean"``, ``"sum"`` or ``"none"``.
+        label_smoothing (`float`, *optional*, defaults to `0.0`): ``eps`` in [0, 1].
+        smoothing_style (`str`, *optional*, defaults to `"uniform"`): ``"uniform"`` or ``"off_target"``.
+        weight_mode (`str`, *optional*, defaults to `"torch"`): ``"torch"`` or ``"example"``.
+        validate (`bool`, *optional*, defaults to `True`): value checks that synchronize with the GPU.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        smoothing_style: str = "uniform",
+        weight_mode: str = "torch",
+        validate: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
+        _check_weight(weight, None, validate=True)
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.smoothing_style = smoothing_style
+        self.weight_mode = weight_mode
+        self.validate = validate
+
+    def forward(self, input: Tensor, target: Tensor, *, normalizer: float | Tensor | None = None) -> Tensor:
+        return label_smoothed_cross_entropy(
+            input,
+            target,
+            self.weight,
+            self.ignore_index,
+            self.reduction,
+            self.label_smoothing,
+            smoothing_style=self.smoothing_style,
+            weight_mode=self.weight_mode,
+            normalizer=normalizer,
+            validate=self.validate,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
+            f"smoothing_style={self.smoothing_style!r}, weight_mode={self.weight_mode!r}"
+        )

@@ -1,0 +1,315 @@
+"""Classification, calibration and entity-level metrics that work offline.
+
+Every metric on the Hugging Face Hub (``evaluate.load("accuracy")``) needs the Hub, so hf_lsce ships its own: plain
+NumPy functions, which are the one implementation, and thin ``evaluate.Metric`` wrappers around them.
+
+* :func:`classification_metrics`: accuracy, macro-F1, MCC, and the calibration metrics NLL, ECE and Brier score
+  (plus binary F1 when there are two classes), from logits.
+* :func:`reliability_bins`: the equal-width confidence bins that ECE is computed from, for reliability diagrams.
+* :func:`entity_metrics`: entity-level precision, recall and F1 over BIO/IOB spans (the conlleval / ``seqeval``
+  default convention) plus token accuracy, for token classification.
+
+The wrappers can be used directly (``ClassificationMetric().compute(predictions=logits, references=labels)``) or
+loaded from this file with ``evaluate.load(hf_lsce.metrics.__file__)``, which returns :class:`ClassificationMetric`
+(``evaluate`` picks the first metric class of a module).
+
+This module needs ``numpy`` and ``evaluate`` (``pip install "hf-lsce[examples]"``); ``import hf_lsce`` does not
+import it, so the loss and trainer stay usable without them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import datasets
+import evaluate
+import numpy as np
+
+__all__ = [
+    "ClassificationMetric",
+    "EntityMetric",
+    "classification_metrics",
+    "entity_metrics",
+    "entity_spans",
+    "reliability_bins",
+    "softmax",
+]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of `logits` of shape `(N, K)`, computed in float64 (same as `torch.softmax(x, dim=-1)`)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _check_inputs(scores: np.ndarray, labels: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores)
+    labels = np.asarray(labels)
+    if scores.ndim != 2 or scores.shape[0] == 0:
+        raise ValueError(f"{name} must have shape (N, K) with N > 0, got shape {scores.shape}")
+    if labels.shape != (scores.shape[0],):
+        raise ValueError(f"labels must have shape ({scores.shape[0]},) to match {name}, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
+    num_classes = scores.shape[1]
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"labels must be in [0, {num_classes - 1}] for {num_classes} classes, got values in "
+            f"[{labels.min()}, {labels.max()}] (drop ignored positions such as -100 first)"
+        )
+    return scores, labels.astype(np.int64)
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, *, n_bins: int = 15) -> dict[str, np.ndarray]:
+    """Groups predictions into `n_bins` equal-width bins of confidence (the maximum probability).
+
+    Bin `b` holds the predictions whose confidence lies in `(b / n_bins, (b + 1) / n_bins]` (closed on the right,
+    as in Guo et al. 2017); a confidence of exactly 0 would go to the first bin, though a softmax never gives one.
+    This is the binning :func:`classification_metrics` computes ECE from.
+
+    Args:
+        probs (`np.ndarray` of shape `(N, K)`):
+            Predicted class probabilities (rows sum to 1).
+        labels (`np.ndarray` of shape `(N,)`):
+            True classes in `[0, K)`.
+        n_bins (`int`, *optional*, defaults to 15):
+            Number of equal-width bins over `[0, 1]`.
+
+    Returns:
+        `dict[str, np.ndarray]`, each of shape `(n_bins,)`: `bin_lower` and `bin_upper` (the bin edges),
+        `confidence` (mean confidence in the bin), `accuracy` (fraction of correct argmax predictions in the bin) and
+        `count` (number of predictions, int64). `confidence` and `accuracy` are NaN for empty bins.
+    """
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    probs, labels = _check_inputs(probs, labels, "probs")
+    confidence = probs.max(axis=1).astype(np.float64)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # side="left" puts a confidence equal to an inner edge into the bin below it: bins are (lower, upper].
+    index = np.searchsorted(edges[1:-1], confidence, side="left")
+    count = np.bincount(index, minlength=n_bins).astype(np.int64)
+    conf_sum = np.bincount(index, weights=confidence, minlength=n_bins)
+    correct_sum = np.bincount(index, weights=correct, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.where(count > 0, conf_sum / count, np.nan)
+        accuracy = np.where(count > 0, correct_sum / count, np.nan)
+    return {
+        "bin_lower": edges[:-1],
+        "bin_upper": edges[1:],
+        "confidence": mean_confidence,
+        "accuracy": accuracy,
+        "count": count,
+    }
+
+
+def _expected_calibration_error(bins: dict[str, np.ndarray]) -> float:
+    count = bins["count"]
+    filled = count > 0
+    gaps = np.abs(bins["accuracy"][filled] - bins["confidence"][filled])
+    return float((count[filled] * gaps).sum() / count.sum())
+
+
+def _matthews_corrcoef(confusion: np.ndarray) -> float:
+    # The multi-class MCC of Gorodkin (2004), which is what scikit-learn computes; 0 when it is undefined
+    # (all predictions or all labels in one class).
+    n = confusion.sum()
+    true_per_class = confusion.sum(axis=1)
+    pred_per_class = confusion.sum(axis=0)
+    cov_true_pred = np.trace(confusion) * n - true_per_class @ pred_per_class
+    cov_pred_pred = n * n - pred_per_class @ pred_per_class
+    cov_true_true = n * n - true_per_class @ true_per_class
+    denominator = cov_pred_pred * cov_true_true
+    if denominator == 0:
+        return 0.0
+    return float(cov_true_pred / np.sqrt(denominator))
+
+
+def _f1_per_class(confusion: np.ndarray) -> np.ndarray:
+    true_positive = np.diag(confusion)
+    # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (support + predicted); 0 when the class is neither present nor predicted.
+    denominator = confusion.sum(axis=0) + confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, 2.0 * true_positive / denominator, 0.0)
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, *, n_bins: int = 15) -> dict[str, float]:
+    """Accuracy, macro-F1, MCC and the calibration metrics NLL, ECE and Brier score of a classifier.
+
+    Args:
+        logits (`np.ndarray` of shape `(N, K)`):
+            Unnormalized scores (what a Transformers classifier returns); probabilities are `softmax(logits)`.
+        labels (`np.ndarray` of shape `(N,)`):
+            True classes in `[0, K)`, integers.
+        n_bins (`int`, *optional*, defaults to 15):
+            Number of equal-width confidence bins for ECE (see :func:`reliability_bins`).
+
+    Returns:
+        `dict[str, float]` with:
+
+        - `accuracy`: fraction of examples whose argmax equals the label.
+        - `macro_f1`: unweighted mean of the per-class F1 over the classes that occur in the labels or the
+          predictions (scikit-learn's `f1_score(average="macro")`).
+        - `mcc`: Matthews correlation coefficient, multi-class form (scikit-learn's `matthews_corrcoef`).
+        - `nll`: mean over examples of `-log softmax(logits)[label]`, natural log (scikit-learn's `log_loss`, and
+          `F.cross_entropy(logits, labels)` in PyTorch).
+        - `ece`: expected calibration error, `sum_b (n_b / N) * |accuracy_b - confidence_b|` over `n_bins`
+          equal-width bins of the maximum probability.
+        - `brier`: mean over examples of `sum_c (p_c - onehot(label)_c) ** 2`, the original multi-class Brier score
+          (range [0, 2]). For two classes this is twice scikit-learn's default binary `brier_score_loss`, which
+          only scores the positive class (equal with `scale_by_half=False`).
+        - `f1` (only when K == 2): binary F1 of the positive class 1.
+    """
+    logits, labels = _check_inputs(logits, labels, "logits")
+    num_classes = logits.shape[1]
+    log_probs = _log_softmax(logits)
+    probs = np.exp(log_probs)
+    predictions = logits.argmax(axis=1)
+
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    f1 = _f1_per_class(confusion)
+    present = (confusion.sum(axis=0) + confusion.sum(axis=1)) > 0
+    one_hot = np.eye(num_classes)[labels]
+
+    metrics = {
+        "accuracy": float((predictions == labels).mean()),
+        "macro_f1": float(f1[present].mean()),
+        "mcc": _matthews_corrcoef(confusion),
+        "nll": float(-log_probs[np.arange(len(labels)), labels].mean()),
+        "ece": _expected_calibration_error(reliability_bins(probs, labels, n_bins=n_bins)),
+        "brier": float(((probs - one_hot) ** 2).sum(axis=1).mean()),
+    }
+    if num_classes == 2:
+        metrics["f1"] = float(f1[1])
+    return metrics
+
+
+def entity_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """Entity spans `(type, start, end)` (end exclusive) in one sequence of BIO/IOB tags.
+
+    Follows conlleval and `seqeval`'s default mode: a chunk starts at `B-X`, and also at an `I-X` that does not
+    continue a chunk of type `X` (so `O I-PER` is a `PER` entity); it ends before `O`, `B-*`, or a tag of another type.
+    `E-`/`S-` (IOBES) tags are read as in conlleval. Tags without a prefix (e.g. `PER`) are read as `I-PER`.
+    """
+    spans = set()
+    start, kind = None, None
+    for position, tag in enumerate([*tags, "O"]):
+        prefix, _, tag_type = tag.partition("-") if "-" in tag else ("I" if tag != "O" else "O", "", tag)
+        starts = prefix in ("B", "S") or (prefix in ("I", "E") and tag_type != kind)
+        if kind is not None and (prefix == "O" or starts):
+            spans.add((kind, start, position))
+            start, kind = None, None
+        if prefix != "O" and starts:
+            start, kind = position, tag_type
+        if kind is not None and prefix in ("E", "S"):
+            spans.add((kind, start, position + 1))
+            start, kind = None, None
+    return spans
+
+
+def entity_metrics(predictions: Sequence[Sequence[str]], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Entity-level precision, recall and F1 (micro-averaged over entities), plus token accuracy.
+
+    An entity counts as correct only if its type and both boundaries match a reference entity exactly (see
+    :func:`entity_spans` for how tags form entities). This equals `seqeval.metrics.classification_report` in its
+    default mode, micro average.
+
+    Args:
+        predictions (`Sequence[Sequence[str]]`):
+            Predicted tags, one list per sequence, ignored positions (sub-words, padding) already removed.
+        references (`Sequence[Sequence[str]]`):
+            True tags, same lengths.
+
+    Returns:
+        `dict[str, float]`: `precision`, `recall`, `f1` (0 when undefined), `accuracy` (over tokens), and
+        `<type>_f1` for every entity type in the references or predictions.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"predictions and references must have the same length, got {len(predictions)} and {len(references)}"
+        )
+    true_spans, pred_spans = set(), set()
+    correct_tokens = total_tokens = 0
+    for index, (predicted, reference) in enumerate(zip(predictions, references)):
+        if len(predicted) != len(reference):
+            raise ValueError(
+                f"sequence {index} has {len(predicted)} predicted tags and {len(reference)} reference tags"
+            )
+        true_spans |= {(index, *span) for span in entity_spans(reference)}
+        pred_spans |= {(index, *span) for span in entity_spans(predicted)}
+        correct_tokens += sum(p == r for p, r in zip(predicted, reference))
+        total_tokens += len(reference)
+
+    def scores(true: set, pred: set) -> tuple[float, float, float]:
+        hits = len(true & pred)
+        precision = hits / len(pred) if pred else 0.0
+        recall = hits / len(true) if true else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+        return precision, recall, f1
+
+    precision, recall, f1 = scores(true_spans, pred_spans)
+    metrics = {"precision": precision, "recall": recall, "f1": f1, "accuracy": correct_tokens / max(total_tokens, 1)}
+    for kind in sorted({span[1] for span in true_spans | pred_spans}):
+        of_kind = [{span for span in spans if span[1] == kind} for spans in (true_spans, pred_spans)]
+        metrics[f"{kind}_f1"] = scores(*of_kind)[2]
+    return metrics
+
+
+_CITATION = """\
+@inproceedings{guo2017calibration,
+  title={On Calibration of Modern Neural Networks},
+  author={Guo, Chuan and Pleiss, Geoff and Sun, Yu and Weinberger, Kilian Q.},
+  booktitle={ICML},
+  year={2017}
+}
+"""
+
+
+class ClassificationMetric(evaluate.Metric):
+    """`evaluate` wrapper of :func:`classification_metrics`: `predictions` are logits `(N, K)`, `references` labels.
+
+    `compute(predictions=..., references=..., n_bins=15)` returns the same dict as :func:`classification_metrics`.
+    """
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="Accuracy, macro-F1, MCC, NLL, ECE (equal-width bins) and Brier score from logits.",
+            citation=_CITATION,
+            inputs_description="predictions: logits, a list of K floats per example; references: int labels.",
+            features=datasets.Features(
+                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
+            ),
+        )
+
+    def _compute(self, predictions, references, n_bins: int = 15) -> dict[str, float]:
+        return classification_metrics(np.asarray(predictions), np.asarray(references), n_bins=n_bins)
+
+
+class EntityMetric(evaluate.Metric):
+    """`evaluate` wrapper of :func:`entity_metrics`: `predictions` and `references` are lists of tag strings."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="Entity-level precision, recall and F1 over BIO spans (conlleval convention).",
+            citation="",
+            inputs_description="predictions, references: one list of tag strings per sequence.",
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Sequence(datasets.Value("string")),
+                    "references": datasets.Sequence(datasets.Value("string")),
+                }
+            ),
+        )
+
+    def _compute(self, predictions, references) -> dict[str, float]:
+        return entity_metrics(predictions, references)

@@ -1,0 +1,162 @@
+import evaluate
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+import hf_lsce.metrics
+from hf_lsce.metrics import (
+    ClassificationMetric,
+    EntityMetric,
+    classification_metrics,
+    entity_metrics,
+    entity_spans,
+    reliability_bins,
+    softmax,
+)
+
+
+def _random_problem(seed: int, n: int, k: int, scale: float = 3.0):
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((n, k)) * scale).astype(np.float32)
+    labels = rng.integers(0, k, size=n)
+    return logits, labels
+
+
+@pytest.mark.parametrize("n,k,seed", [(50, 2, 0), (97, 3, 1), (200, 5, 2), (13, 7, 3)])
+def test_classification_metrics_match_sklearn(n, k, seed):
+    logits, labels = _random_problem(seed, n, k)
+    probs = softmax(logits)
+    predictions = logits.argmax(axis=1)
+    got = classification_metrics(logits, labels)
+
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(labels, predictions))
+    assert got["macro_f1"] == pytest.approx(skm.f1_score(labels, predictions, average="macro"))
+    assert got["mcc"] == pytest.approx(skm.matthews_corrcoef(labels, predictions))
+    assert got["nll"] == pytest.approx(skm.log_loss(labels, probs, labels=list(range(k))), rel=1e-6)
+    # scikit-learn halves the binary Brier score by default; the original definition sums over all classes.
+    expected_brier = skm.brier_score_loss(labels, probs if k > 2 else probs[:, 1], scale_by_half=False)
+    assert got["brier"] == pytest.approx(expected_brier)
+    if k == 2:
+        assert got["f1"] == pytest.approx(skm.f1_score(labels, predictions))
+    else:
+        assert "f1" not in got
+    assert set(got) >= {"accuracy", "macro_f1", "mcc", "nll", "ece", "brier"}
+
+
+def test_macro_f1_over_present_classes_and_degenerate_mcc():
+    # Class 2 is neither a label nor a prediction: like scikit-learn, it does not drag the macro average to 0.
+    logits = np.array([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [5.0, 0.0, 0.0]])
+    labels = np.array([0, 1, 1])
+    got = classification_metrics(logits, labels)
+    assert got["macro_f1"] == pytest.approx(skm.f1_score(labels, logits.argmax(1), average="macro"))
+    # A constant prediction makes MCC undefined; scikit-learn (and we) report 0.
+    constant = np.tile([1.0, 0.0], (4, 1))
+    assert classification_metrics(constant, np.array([0, 1, 0, 1]))["mcc"] == 0.0
+
+
+def test_nll_is_stable_for_extreme_logits():
+    logits = np.array([[1000.0, -1000.0], [-1000.0, 1000.0]])
+    got = classification_metrics(logits, np.array([0, 0]))
+    assert got["nll"] == pytest.approx(1000.0)  # (0 + 2000) / 2, no overflow or log(0)
+
+
+def test_ece_hand_computed():
+    # Four examples, 2 classes, n_bins=5 (edges 0, .2, .4, .6, .8, 1):
+    #   conf 0.9 correct, conf 0.9 wrong  -> bin (0.8, 1]: acc 0.5, conf 0.9, gap 0.4, weight 2/4
+    #   conf 0.7 correct                  -> bin (0.6, 0.8]: acc 1, conf 0.7, gap 0.3, weight 1/4
+    #   conf 0.6 wrong (exactly on an edge, goes to the bin below) -> bin (0.4, 0.6]: gap 0.6, weight 1/4
+    probs = np.array([[0.9, 0.1], [0.1, 0.9], [0.7, 0.3], [0.4, 0.6]])
+    labels = np.array([0, 0, 0, 0])
+    bins = reliability_bins(probs, labels, n_bins=5)
+    np.testing.assert_allclose(bins["bin_lower"], [0.0, 0.2, 0.4, 0.6, 0.8])
+    np.testing.assert_allclose(bins["bin_upper"], [0.2, 0.4, 0.6, 0.8, 1.0])
+    np.testing.assert_array_equal(bins["count"], [0, 0, 1, 1, 2])
+    np.testing.assert_allclose(bins["accuracy"], [np.nan, np.nan, 0.0, 1.0, 0.5])
+    np.testing.assert_allclose(bins["confidence"], [np.nan, np.nan, 0.6, 0.7, 0.9])
+    expected_ece = 2 / 4 * 0.4 + 1 / 4 * 0.3 + 1 / 4 * 0.6
+    logits = np.log(probs)  # softmax(log p) == p
+    assert classification_metrics(logits, labels, n_bins=5)["ece"] == pytest.approx(expected_ece)
+
+
+def test_ece_is_zero_when_calibrated_and_large_when_overconfident():
+    # Confidence 0.75 everywhere and 3 of 4 right: perfectly calibrated.
+    probs = np.tile([0.75, 0.25], (4, 1))
+    assert classification_metrics(np.log(probs), np.array([0, 0, 0, 1]))["ece"] == pytest.approx(0.0, abs=1e-12)
+    overconfident = np.tile([20.0, 0.0], (4, 1))
+    assert classification_metrics(overconfident, np.array([0, 1, 0, 1]))["ece"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_reliability_bins_counts_add_up():
+    logits, labels = _random_problem(4, 500, 4)
+    bins = reliability_bins(softmax(logits), labels, n_bins=15)
+    assert bins["count"].sum() == 500 and bins["count"].dtype == np.int64
+    assert all(len(value) == 15 for value in bins.values())
+    filled = bins["count"] > 0
+    assert np.all(bins["confidence"][filled] > bins["bin_lower"][filled])
+    assert np.all(bins["confidence"][filled] <= bins["bin_upper"][filled])
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="labels must be in"):
+        classification_metrics(np.zeros((3, 2)), np.array([0, 1, -100]))
+    with pytest.raises(ValueError, match=r"shape \(N, K\)"):
+        classification_metrics(np.zeros(3), np.array([0, 1, 0]))
+    with pytest.raises(ValueError, match="n_bins"):
+        reliability_bins(np.full((2, 2), 0.5), np.array([0, 1]), n_bins=0)
+    with pytest.raises(TypeError, match="labels must be integers"):
+        classification_metrics(np.zeros((2, 2)), np.array([0.0, 1.0]))
+
+
+def test_evaluate_metric_wrappers():
+    logits, labels = _random_problem(5, 40, 3)
+    expected = classification_metrics(logits, labels, n_bins=10)
+    metric = ClassificationMetric()
+    for start in range(0, 40, 16):
+        metric.add_batch(predictions=logits[start : start + 16], references=labels[start : start + 16])
+    got = metric.compute(n_bins=10)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], rel=1e-6)
+
+    # evaluate.load on the shipped file works offline and gives the classification metric.
+    loaded = evaluate.load(hf_lsce.metrics.__file__)
+    assert loaded.compute(predictions=logits, references=labels)["accuracy"] == pytest.approx(expected["accuracy"])
+
+    entities = EntityMetric().compute(predictions=[["B-PER", "I-PER", "O"]], references=[["B-PER", "I-PER", "O"]])
+    assert entities["f1"] == 1.0
+
+
+def test_entity_spans_conventions():
+    assert entity_spans(["B-PER", "I-PER", "O", "B-LOC"]) == {("PER", 0, 2), ("LOC", 3, 4)}
+    assert entity_spans(["O", "I-PER", "I-PER"]) == {("PER", 1, 3)}  # I- without B- starts an entity
+    assert entity_spans(["B-PER", "I-LOC"]) == {("PER", 0, 1), ("LOC", 1, 2)}  # a type change ends it
+    assert entity_spans(["B-PER", "B-PER"]) == {("PER", 0, 1), ("PER", 1, 2)}
+    assert entity_spans(["S-PER", "B-LOC", "E-LOC", "O"]) == {("PER", 0, 1), ("LOC", 1, 3)}
+    assert entity_spans(["O", "O"]) == set()
+
+
+def test_entity_metrics_hand_computed():
+    references = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O"]]
+    predictions = [["B-PER", "I-PER", "O", "O"], ["B-ORG", "B-LOC"]]
+    got = entity_metrics(predictions, references)
+    # True: PER, LOC, ORG; predicted: PER, ORG, LOC (wrong place); 2 hits.
+    assert got["precision"] == pytest.approx(2 / 3)
+    assert got["recall"] == pytest.approx(2 / 3)
+    assert got["f1"] == pytest.approx(2 / 3)
+    assert got["accuracy"] == pytest.approx(4 / 6)
+    assert got["PER_f1"] == 1.0 and got["ORG_f1"] == 1.0 and got["LOC_f1"] == 0.0
+
+
+def test_entity_metrics_match_seqeval():
+    seqeval_metrics = pytest.importorskip("seqeval.metrics")
+    rng = np.random.default_rng(0)
+    tags = ["O", "O", "O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+    references = [list(rng.choice(tags, size=rng.integers(1, 12))) for _ in range(200)]
+    predictions = [[t if rng.random() < 0.7 else str(rng.choice(tags)) for t in seq] for seq in references]
+    got = entity_metrics(predictions, references)
+    assert got["precision"] == pytest.approx(seqeval_metrics.precision_score(references, predictions))
+    assert got["recall"] == pytest.approx(seqeval_metrics.recall_score(references, predictions))
+    assert got["f1"] == pytest.approx(seqeval_metrics.f1_score(references, predictions))
+    report = seqeval_metrics.classification_report(references, predictions, output_dict=True)
+    for kind in ("PER", "LOC", "MISC"):
+        assert got[f"{kind}_f1"] == pytest.approx(report[kind]["f1-score"])

@@ -1,0 +1,422 @@
+"""`SmoothingTrainer`: `transformers.Trainer` with the class-weighted, label-smoothed loss, exact under accumulation.
+
+What the mean divides by, the one thing this file exists to get right: for every optimizer step the loss is
+
+    sum over the window's positions i of loss_i  /  sum over the same positions of w[y_i]
+
+where the window is all micro-batches of the gradient-accumulation step on all processes, and positions labelled
+-100 count nowhere. Its gradient and the logged loss are therefore those of one big batch, whatever the split into
+micro-batches and processes. The base `Trainer` cannot give this: it divides by a label count (not a weight sum), and
+in Transformers 5.x it skips its ÷accumulation for models whose ``forward`` takes ``**kwargs`` even when the loss was
+not computed by the model, so the usual ``compute_loss`` override reports a loss (and gradients) accumulation-steps
+times too large.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from accelerate.utils import DistributedType
+from torch import Tensor, nn
+from transformers import Trainer, TrainingArguments
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.training_args import OptimizerNames
+from transformers.utils import logging
+
+from hf_lsce.class_weights import check_class_weights, compute_class_weights
+from hf_lsce.loss import label_smoothed_cross_entropy, mean_denominator
+from hf_lsce.training_args import check_no_double_smoothing, check_smoothing_options
+
+logger = logging.get_logger(__name__)
+
+IGNORE_INDEX = -100
+# Written next to the model in every checkpoint (and by `save_model`), so that a resumed run uses the same weights.
+CLASS_WEIGHTS_NAME = "class_weights.json"
+DEFAULT_LABEL_SMOOTHING = 0.1
+
+
+class SmoothingTrainer(Trainer):
+    """`transformers.Trainer` whose loss is `hf_lsce.label_smoothed_cross_entropy`, normalized over the full batch.
+
+    For one optimizer step, the loss, its gradients and the logged ``loss`` equal those of
+    ``label_smoothed_cross_entropy(logits, labels, weight, reduction="mean", label_smoothing=eps, ...)`` on the
+    concatenation of every micro-batch of the accumulation window on every process: the mean divides by
+    ``sum_i w[y_i]`` over all of them (the count of labels without weights), gathered across processes once per
+    step. With ``label_smoothing=0`` and no weights this is ``F.cross_entropy`` over the full batch, i.e. what plain
+    `Trainer` computes with ``gradient_accumulation_steps=1`` on one process.
+
+    Tasks (the head decides, labels -100 are ignored everywhere):
+
+    * sequence classification: logits ``(B, K)``, labels ``(B,)``;
+    * token classification: logits ``(B, T, K)``, labels ``(B, T)``;
+    * causal LM: logits ``(B, T, V)`` predict ``labels[:, 1:]`` (shifted by one, as Transformers does). The shift is
+      detected as `Trainer` detects it (the model's class is in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``); a batch key
+      ``shift_labels`` (padding-free collators) is used as the already-shifted target;
+    * seq2seq: decoder logits against ``labels`` (no shift); ``decoder_input_ids`` are built from the labels when the
+      collator did not provide them.
+
+    Multi-label (``problem_type="multi_label_classification"``) and regression (``num_labels=1``) heads raise at
+    construction, as does ``compute_loss_func``: this trainer owns the loss.
+
+    Evaluation reports ``eval_loss``, the same smoothed, weighted loss normalized over the whole evaluation set
+    (``sum of losses / sum of w[y_i]``), and ``eval_nll``, the plain cross-entropy (no smoothing, no weights, mean
+    over labelled positions), comparable across runs with different ``eps``.
+
+    Args:
+        model, args, **kwargs: as for `transformers.Trainer`. ``args`` may be a `SmoothingTrainingArguments` or a
+            plain `TrainingArguments`; in the latter case the options below default to ``label_smoothing=0.1``
+            (or the base ``label_smoothing_factor`` when that is > 0), ``"uniform"``, ``"torch"`` and no weights.
+        label_smoothing (`float`, *optional*): overrides ``args.label_smoothing``.
+        smoothing_style (`str`, *optional*): overrides ``args.smoothing_style``.
+        weight_mode (`str`, *optional*): overrides ``args.weight_mode``.
+        class_weights (`list[float]`, `torch.Tensor` or `"balanced"`, *optional*): overrides ``args.class_weights``.
+            ``"balanced"`` computes `compute_class_weights` once from ``train_dataset``'s labels (tokens for token
+            tasks, shifted labels for causal LMs); the weights are logged, written to ``class_weights.json`` in every
+            checkpoint, and read back from it when training resumes.
+        shift_labels (`bool`, *optional*): force (True) or forbid (False) the causal-LM shift; None detects it.
+    """
+
+    # This trainer owns `training_step`; the flag tells any Transformers code that reads it that `compute_loss`
+    # returns a loss already normalized over the accumulation window.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        *trainer_args,
+        label_smoothing: float | None = None,
+        smoothing_style: str | None = None,
+        weight_mode: str | None = None,
+        class_weights: list[float] | Tensor | str | None = None,
+        shift_labels: bool | None = None,
+        **kwargs,
+    ) -> None:
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("SmoothingTrainer computes the loss itself; compute_loss_func must be None")
+        if shift_labels not in (None, True, False):
+            raise ValueError(f"shift_labels must be None (detect), True or False, got {shift_labels!r}")
+        # Options are resolved and validated before the (slow) base constructor, so bad input fails fast.
+        factor = getattr(args, "label_smoothing_factor", 0.0)
+        if label_smoothing is None:
+            label_smoothing = getattr(args, "label_smoothing", None)
+        if label_smoothing is None:
+            label_smoothing = factor if factor > 0 else DEFAULT_LABEL_SMOOTHING
+        elif label_smoothing == 0 and factor > 0:
+            # The base option alone keeps meaning what it means for `Trainer`: uniform smoothing of that size.
+            label_smoothing = factor
+        else:
+            check_no_double_smoothing(label_smoothing, factor)
+        self.label_smoothing = label_smoothing
+        self.smoothing_style = (
+            smoothing_style if smoothing_style is not None else getattr(args, "smoothing_style", "uniform")
+        )
+        self.weight_mode = weight_mode if weight_mode is not None else getattr(args, "weight_mode", "torch")
+        check_smoothing_options(self.label_smoothing, self.smoothing_style, self.weight_mode)
+        if class_weights is None:
+            class_weights = getattr(args, "class_weights", None)
+        class_weights = check_class_weights(class_weights)
+
+        super().__init__(model, args, *trainer_args, **kwargs)
+        # `Trainer` builds a `LabelSmoother` from `label_smoothing_factor`; the smoothing above replaces it.
+        self.label_smoother = None
+        self._window_denominator: float | None = None
+        self._eval_totals: Tensor | None = None
+        self._weights_on_device: dict[torch.device, Tensor] = {}
+
+        self._is_encoder_decoder = False
+        self.shift_labels = bool(shift_labels)
+        self.num_classes: int | None = None
+        if self.model is not None:
+            self._inspect_model(shift_labels)
+
+        self.class_weights_method = "balanced" if class_weights == "balanced" else "given"
+        self.class_weights: Tensor | None = None
+        if class_weights == "balanced":
+            self._set_class_weights(self._balanced_weights())
+            logger.info(f"Balanced class weights from the training set: {self.class_weights.tolist()}")
+        elif class_weights is not None:
+            self._set_class_weights(torch.tensor(class_weights, dtype=torch.float64))
+
+    # ---- Construction ----
+
+    def _unwrapped_model(self) -> nn.Module:
+        model = self.accelerator.unwrap_model(self.model)
+        # A PEFT model wraps the Transformers model whose class decides the task.
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _inspect_model(self, shift_labels: bool | None) -> None:
+        model = self._unwrapped_model()
+        config = getattr(model, "config", None)
+        problem_type = getattr(config, "problem_type", None)
+        if problem_type == "multi_label_classification":
+            raise ValueError(
+                "SmoothingTrainer needs single-label targets (one class index per position), but the model has "
+                "problem_type='multi_label_classification'; use a BCE-based loss for multi-label heads"
+            )
+        self._is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        is_causal = model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        self.shift_labels = is_causal if shift_labels is None else shift_labels
+        generates = is_causal or self._is_encoder_decoder or self.shift_labels
+        if problem_type == "regression" or (not generates and getattr(config, "num_labels", 2) == 1):
+            raise ValueError(
+                f"SmoothingTrainer needs a classifier head with K >= 2 classes, but the model has a regression head "
+                f"(problem_type={problem_type!r}, num_labels={getattr(config, 'num_labels', None)})"
+            )
+        if generates:
+            embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+                self.num_classes = embeddings.weight.shape[0]
+            elif config is not None:
+                text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+                self.num_classes = getattr(text_config, "vocab_size", None)
+        elif config is not None:
+            self.num_classes = config.num_labels
+
+    def _set_class_weights(self, weights: Tensor) -> None:
+        if self.num_classes is not None and weights.shape[0] != self.num_classes:
+            raise ValueError(
+                f"class_weights must have one weight per class of the model's head ({self.num_classes}), "
+                f"got {weights.shape[0]}"
+            )
+        # fp64: the weights are exact whatever the model's dtype; the loss casts them to its compute dtype.
+        self.class_weights = weights.to(torch.float64)
+        self._weights_on_device = {}
+
+    def _balanced_weights(self) -> Tensor:
+        dataset = self.train_dataset
+        if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise ValueError(
+                "class_weights='balanced' needs a map-style train_dataset with labels; pass explicit weights instead"
+            )
+        if self.num_classes is None:
+            raise ValueError("class_weights='balanced' needs the model's number of classes; pass explicit weights")
+        column_names = getattr(dataset, "column_names", None)
+        if column_names is not None:
+            name = "labels" if "labels" in column_names else "label" if "label" in column_names else None
+            labels = dataset[name] if name is not None else None
+        else:
+            labels = []
+            for example in dataset:
+                name = "labels" if "labels" in example else "label" if "label" in example else None
+                if name is None:
+                    break
+                labels.append(example[name])
+        if name is None:
+            raise ValueError(
+                "class_weights='balanced' needs a 'labels' (or 'label') column in train_dataset; pass explicit "
+                "weights when the collator creates the labels"
+            )
+        if self.shift_labels:
+            # Position 0 of each sequence is never a target of a causal LM.
+            labels = [example[1:] for example in labels]
+        return compute_class_weights(labels, self.num_classes, ignore_index=IGNORE_INDEX)
+
+    # ---- Loss ----
+
+    def _weight_on(self, device: torch.device) -> Tensor | None:
+        if self.class_weights is None:
+            return None
+        if device not in self._weights_on_device:
+            self._weights_on_device[device] = self.class_weights.to(device)
+        return self._weights_on_device[device]
+
+    def _targets(self, batch: dict) -> Tensor:
+        """The labels each logit is scored against: shifted for causal LMs, as the loss in `compute_loss` uses them."""
+        if batch.get("shift_labels") is not None:
+            return batch["shift_labels"]
+        labels = batch["labels"]
+        return labels[..., 1:] if self.shift_labels else labels
+
+    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
+        """Fetches one accumulation window (as `Trainer` does) and computes its global weight sum.
+
+        The sum of ``w[y_i]`` over every micro-batch of the window is reduced across processes once per optimizer step;
+        `compute_loss` divides by it. ``num_items_in_batch`` is passed through untouched and not used.
+        """
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
+        device = self.args.device
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for batch in batch_samples:
+            if batch.get("labels") is None:
+                raise ValueError("SmoothingTrainer needs 'labels' in every training batch")
+            targets = self._targets(batch).to(device)
+            self._check_label_range(targets)
+            total += mean_denominator(targets, self._weight_on(device), IGNORE_INDEX, weight_mode=self.weight_mode)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        # One host sync per optimizer step: the reduce above has synchronized anyway.
+        self._window_denominator = float(total)
+        return batch_samples, num_items_in_batch
+
+    def _check_label_range(self, targets: Tensor) -> None:
+        # Once per window, so that `compute_loss` can skip the loss's own per-call value checks.
+        if self.num_classes is None or targets.is_floating_point():
+            return
+        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= self.num_classes))
+        if bool(bad.any()):
+            raise ValueError(
+                f"labels contain {int(targets[bad][0])}, outside [0, {self.num_classes}) and not {IGNORE_INDEX}"
+            )
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor | tuple[Tensor, object]:
+        """The smoothed, weighted loss of one micro-batch, normalized over the whole accumulation window.
+
+        In training (inside `Trainer.train`) this is ``sum_i loss_i / (sum of w[y_i] over the window on all processes)
+        * num_processes``: summed over the window's micro-batches and averaged over processes by DDP it is the
+        full-batch weighted mean. Elsewhere (evaluation, a direct call) it is the micro-batch's own weighted mean.
+        ``num_items_in_batch`` (a label count) is accepted for signature compatibility and ignored.
+        ``labels`` are popped from ``inputs``, so the model never computes its own loss.
+        """
+        if inputs.get("labels") is None:
+            raise ValueError("SmoothingTrainer needs 'labels' in every batch")
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        shift_target = inputs.pop("shift_labels", None)
+        if (
+            self._is_encoder_decoder
+            and inputs.get("decoder_input_ids") is None
+            and "decoder_inputs_embeds" not in inputs
+        ):
+            # Seq2seq models build these from `labels` inside `forward`; the labels no longer go there.
+            inputs["decoder_input_ids"] = self._unwrapped_model().prepare_decoder_input_ids_from_labels(labels=labels)
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if shift_target is not None:
+            targets = shift_target
+        elif self.shift_labels:
+            logits, targets = logits[..., :-1, :], labels[..., 1:]
+        else:
+            targets = labels
+        weight = self._weight_on(logits.device)
+        options = {"smoothing_style": self.smoothing_style, "weight_mode": self.weight_mode}
+
+        if model.training and self._window_denominator is not None:
+            # An all-padding window has a zero sum; then every local sum is zero too and the loss is 0 (no NaN).
+            normalizer = self._window_denominator * self.accelerator.num_processes or None
+            loss = label_smoothed_cross_entropy(
+                logits, targets, weight, IGNORE_INDEX, "mean", self.label_smoothing,
+                normalizer=normalizer, validate=False, **options,
+            )  # fmt: skip
+        else:
+            total = label_smoothed_cross_entropy(
+                logits, targets, weight, IGNORE_INDEX, "sum", self.label_smoothing, **options
+            )
+            denominator = mean_denominator(targets, weight, IGNORE_INDEX, weight_mode=self.weight_mode)
+            loss = total / denominator if denominator > 0 else total * 0
+            if self._eval_totals is not None:
+                nll = label_smoothed_cross_entropy(logits.detach(), targets, reduction="sum")
+                count = mean_denominator(targets, None, IGNORE_INDEX)
+                sums = torch.stack([total.detach().double(), denominator.double(), nll.double(), count.double()])
+                self._eval_totals += sums.to(self._eval_totals.device)
+
+        if not return_outputs:
+            return loss
+        if not isinstance(outputs, dict):
+            # Tuple outputs: `Trainer.prediction_step` expects the loss first, as a model computing it would return.
+            outputs = (loss, *outputs)
+        return loss, outputs
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Tensor], num_items_in_batch: Tensor | int | None = None
+    ) -> Tensor:
+        """Forward and backward of one micro-batch; returns the detached loss that `Trainer` adds up for logging.
+
+        Unlike the base method this never divides by the accumulation steps: `compute_loss` already divides by the
+        window's weight sum. (The base rule for that division changed across Transformers releases and, in 5.x,
+        depends on whether the model's ``forward`` takes ``**kwargs``.)
+        """
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        del inputs
+        if self.args.n_gpu > 1:
+            loss = loss.mean()  # `nn.DataParallel` returns one value per device.
+        kwargs = {}
+        if self.args.optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO):
+            kwargs["learning_rate"] = self._get_learning_rate()
+        # `Accelerator.backward` divides by its own gradient_accumulation_steps (Transformers < 4.48 sets it to the
+        # accumulation steps, later releases to 1; DeepSpeed scales inside its engine): undo it, the loss is final.
+        scale = (
+            1
+            if self.accelerator.distributed_type == DistributedType.DEEPSPEED
+            else self.accelerator.gradient_accumulation_steps
+        )
+        self.accelerator.backward(loss * scale, **kwargs)
+        return loss.detach()
+
+    # ---- Evaluation ----
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """`Trainer.evaluation_loop`, with ``{prefix}_loss`` normalized over the whole set and ``{prefix}_nll`` added.
+
+        The base loop averages per-batch losses weighted by batch size, which is not the weighted mean when batches
+        differ in padding or weight sums. Here ``{prefix}_loss = sum of smoothed weighted losses / sum of w[y_i]`` and
+        ``{prefix}_nll = sum of -log p(y_i) / number of labelled positions``, both reduced across processes.
+        """
+        self._eval_totals = torch.zeros(4, dtype=torch.float64, device=self.args.device)
+        try:
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+            totals = self._eval_totals
+        finally:
+            self._eval_totals = None
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        loss_sum, denominator, nll_sum, count = totals.tolist()
+        if count > 0:
+            output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / denominator if denominator > 0 else 0.0
+            output.metrics[f"{metric_key_prefix}_nll"] = nll_sum / count
+        return output
+
+    # ---- Checkpoints ----
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, plus ``class_weights.json`` next to the model when the trainer has class weights."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.class_weights is not None and self.args.should_save:
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            record = {"method": self.class_weights_method, "class_weights": self.class_weights.tolist()}
+            with open(os.path.join(output_dir, CLASS_WEIGHTS_NAME), "w") as f:
+                json.dump(record, f, indent=2)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; when resuming, balanced class weights are read back from the checkpoint.
+
+        Weights computed with ``"balanced"`` are replaced by the checkpoint's, so a resumed run optimizes the same
+        loss even if the training set changed. Explicitly given weights are kept (with a warning if they differ).
+        """
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, (str, os.PathLike)):
+            self._load_class_weights(checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_class_weights(self, checkpoint: str | os.PathLike) -> None:
+        path = os.path.join(checkpoint, CLASS_WEIGHTS_NAME)
+        if not os.path.isfile(path) or self.class_weights is None:
+            return
+        with open(path) as f:
+            stored = torch.tensor(json.load(f)["class_weights"], dtype=torch.float64)
+        if self.class_weights_method == "balanced":
+            self._set_class_weights(stored)
+            logger.info(f"Resuming with the class weights stored in {path}: {stored.tolist()}")
+        elif stored.shape != self.class_weights.shape or not torch.allclose(stored, self.class_weights):
+            logger.warning(f"The class weights given differ from those stored in {path}; using the given ones")

@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hf_lsce.fused import FUSED_MIN_CLASSES, fused_cross_entropy
+
+IMPLEMENTATIONS = ("auto", "reference", "fused")
 REDUCTIONS = ("mean", "sum", "none")
 SMOOTHING_STYLES = ("uniform", "off_target")
 WEIGHT_MODES = ("torch", "example")
@@ -42,6 +45,26 @@ def _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ign
     _check_choice("weight_mode", weight_mode, WEIGHT_MODES)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _check_implementation(implementation: str, inplace_backward: bool) -> None:
+    _check_choice("implementation", implementation, IMPLEMENTATIONS)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    if inplace_backward and implementation == "reference":
+        raise ValueError(
+            "inplace_backward=True needs implementation='fused' or 'auto' (which then uses the fused path), "
+            "got implementation='reference'"
+        )
+
+
+def _use_fused(implementation: str, input: Tensor, target: Tensor, weight, normalizer, inplace_backward) -> bool:
+    if implementation != "auto":
+        return implementation == "fused"
+    # The fused path gives no gradient to the target, the weights or the normalizer.
+    if any(isinstance(t, Tensor) and t.requires_grad for t in (target, weight, normalizer)):
+        return False
+    return inplace_backward or input.shape[-1] >= FUSED_MIN_CLASSES
 
 
 def _check_weight(weight: Tensor | None, num_classes: int | None, validate: bool) -> None:
@@ -171,6 +194,8 @@ def label_smoothed_cross_entropy(
     weight_mode: str = "torch",
     normalizer: float | Tensor | None = None,
     validate: bool = True,
+    implementation: str = "auto",
+    inplace_backward: bool = False,
 ) -> Tensor:
     """Label-smoothed, class-weighted cross-entropy over logits whose classes are in the last dimension.
 
@@ -211,6 +236,17 @@ def label_smoothed_cross_entropy(
         validate (`bool`, *optional*, defaults to `True`): check label range, weight and normalizer values. These
             checks read tensor values, which synchronizes with the GPU; pass False in a hot loop once inputs are
             trusted.
+        implementation (`str`, *optional*, defaults to `"auto"`): ``"reference"`` (the plain PyTorch expression
+            above), ``"fused"`` (`hf_lsce.fused`: rows processed in small chunks that compute the loss and the
+            gradient in one pass; extra memory is the gradient alone, no fp32 copy of fp16/bf16 logits; no gradient
+            for ``target``, ``weight`` or ``normalizer``) or ``"auto"``: fused when there are at least
+            ``hf_lsce.fused.FUSED_MIN_CLASSES`` classes (or ``inplace_backward=True``) and only ``input`` requires
+            grad. Both give the same values up to floating-point rounding.
+        inplace_backward (`bool`, *optional*, defaults to `False`): fused path only: write the input's gradient
+            into the input's own buffer during the forward pass, so the loss needs no extra memory of the logits'
+            size. **The logits tensor is overwritten and must not be used afterwards** (nor be saved for backward
+            by the operation that produced it: autograd then raises). Logits are only overwritten when a gradient
+            is needed.
 
     Returns:
         `torch.Tensor`: 0-d for ``"mean"`` and ``"sum"``, the positions' shape for ``"none"``; fp32 (fp64 for fp64
@@ -220,10 +256,20 @@ def label_smoothed_cross_entropy(
     _check_tensors(input, target, ignore_index, validate)
     _check_weight(weight, input.shape[-1], validate)
     _check_normalizer(normalizer, reduction, validate)
+    _check_implementation(implementation, inplace_backward)
 
     num_classes = input.shape[-1]
     a, b = _smoothing_coefficients(num_classes, label_smoothing, smoothing_style)
     dtype = _compute_dtype(input)
+    if _use_fused(implementation, input, target, weight, normalizer, inplace_backward):
+        denominator = None
+        if reduction == "mean":
+            if normalizer is None:
+                normalizer = mean_denominator(target, weight, ignore_index, weight_mode=weight_mode)
+            denominator = torch.as_tensor(normalizer, dtype=dtype, device=input.device)
+        return fused_cross_entropy(
+            input, target, weight, denominator, ignore_index, reduction, a, b, weight_mode, inplace_backward
+        )
     w = None if weight is None else weight.to(dtype)
     logp = F.log_softmax(input.reshape(-1, num_classes).to(dtype), dim=-1)
 
@@ -281,6 +327,9 @@ class LabelSmoothedCrossEntropyLoss(nn.Module):
         smoothing_style (`str`, *optional*, defaults to `"uniform"`): ``"uniform"`` or ``"off_target"``.
         weight_mode (`str`, *optional*, defaults to `"torch"`): ``"torch"`` or ``"example"``.
         validate (`bool`, *optional*, defaults to `True`): value checks that synchronize with the GPU.
+        implementation (`str`, *optional*, defaults to `"auto"`): ``"auto"``, ``"reference"`` or ``"fused"``.
+        inplace_backward (`bool`, *optional*, defaults to `False`): fused path only; the logits passed to
+            ``forward`` are overwritten by their gradient and must not be used afterwards.
     """
 
     def __init__(
@@ -293,9 +342,12 @@ class LabelSmoothedCrossEntropyLoss(nn.Module):
         smoothing_style: str = "uniform",
         weight_mode: str = "torch",
         validate: bool = True,
+        implementation: str = "auto",
+        inplace_backward: bool = False,
     ) -> None:
         super().__init__()
         _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
+        _check_implementation(implementation, inplace_backward)
         _check_weight(weight, None, validate=True)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
@@ -304,6 +356,8 @@ class LabelSmoothedCrossEntropyLoss(nn.Module):
         self.smoothing_style = smoothing_style
         self.weight_mode = weight_mode
         self.validate = validate
+        self.implementation = implementation
+        self.inplace_backward = inplace_backward
 
     def forward(self, input: Tensor, target: Tensor, *, normalizer: float | Tensor | None = None) -> Tensor:
         return label_smoothed_cross_entropy(
@@ -317,6 +371,8 @@ class LabelSmoothedCrossEntropyLoss(nn.Module):
             weight_mode=self.weight_mode,
             normalizer=normalizer,
             validate=self.validate,
+            implementation=self.implementation,
+            inplace_backward=self.inplace_backward,
         )
 
     def extra_repr(self) -> str:

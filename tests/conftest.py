@@ -1,3 +1,4 @@
+import functools
 import os
 
 import pytest
@@ -10,7 +11,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # Every implementation of the loss runs the same parity tests.
-IMPLEMENTATIONS = {"reference": label_smoothed_cross_entropy}
+IMPLEMENTATIONS = {
+    "reference": functools.partial(label_smoothed_cross_entropy, implementation="reference"),
+    "fused": functools.partial(label_smoothed_cross_entropy, implementation="fused"),
+}
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))

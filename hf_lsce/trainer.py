@@ -301,8 +301,10 @@ class SmoothingTrainer(Trainer):
         options = {"smoothing_style": self.smoothing_style, "weight_mode": self.weight_mode}
 
         if model.training and self._window_denominator is not None:
-            # An all-padding window has a zero sum; then every local sum is zero too and the loss is 0 (no NaN).
-            normalizer = self._window_denominator * self.accelerator.num_processes or None
+            # Dividing by (global sum / num_processes) scales each process's loss by num_processes, which DDP's
+            # gradient averaging (and the mean over processes of the logged loss) undoes. An all-padding window has
+            # a zero sum; then every local sum is zero too, and normalizer=None gives 0 with zero gradients, no NaN.
+            normalizer = self._window_denominator / self.accelerator.num_processes or None
             loss = label_smoothed_cross_entropy(
                 logits, targets, weight, IGNORE_INDEX, "mean", self.label_smoothing,
                 normalizer=normalizer, validate=False, **options,

@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q $(TORCH)
 
 venv: $(PY)
 

@@ -1,0 +1,210 @@
+"""SmoothingTrainingArguments, compute_class_weights and SmoothingTrainer's construction errors."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.utils.class_weight import compute_class_weight
+from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, TrainingArguments
+
+from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments, compute_class_weights
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+import trainer_tasks as tasks  # noqa: E402
+
+# ---- compute_class_weights ----
+
+
+def test_balanced_weights_match_scikit_learn():
+    labels = [0, 2, 2, 1, 2, 0, 2, -100, 3, 3]
+    kept = np.array([y for y in labels if y != -100])
+    expected = compute_class_weight("balanced", classes=np.arange(4), y=kept)
+    torch.testing.assert_close(compute_class_weights(labels, 4), torch.from_numpy(expected))
+    # n / (K * n_c): the weighted count of the training set is n, as unweighted.
+    weights = compute_class_weights(torch.tensor(labels), 4)
+    assert weights.dtype == torch.float64
+    assert (torch.bincount(torch.from_numpy(kept), minlength=4) * weights).sum().item() == pytest.approx(len(kept))
+
+
+def test_balanced_weights_count_tokens_of_ragged_sequences():
+    per_example = [[0, -100, 1], [1, 1], [-100, 2, 2, 2, 0]]
+    flat = np.array([y for row in per_example for y in row if y != -100])
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=flat)
+    torch.testing.assert_close(compute_class_weights(per_example, 3), torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize(
+    ("labels", "num_classes", "method", "match"),
+    [
+        ([0, 0, 2], 3, "balanced", r"classes \[1\] \(1 of 3\) have none"),
+        ([0, 5], 3, "balanced", r"labels contain 5, outside \[0, 3\)"),
+        ([-100, -100], 3, "balanced", "hold no class index"),
+        ([0, 1], 2, "inverse", r"method must be one of 'balanced', got 'inverse'"),
+        ([0, 1], 1, "balanced", "num_classes must be an int >= 2, got 1"),
+        (["a"], 2, "balanced", "integer class indices"),
+    ],
+)
+def test_compute_class_weights_errors(labels, num_classes, method, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        compute_class_weights(labels, num_classes, method=method)
+
+
+# ---- SmoothingTrainingArguments ----
+
+
+def test_arguments_defaults_and_help(tmp_path):
+    args = SmoothingTrainingArguments(output_dir=str(tmp_path), report_to=[])
+    assert (args.label_smoothing, args.smoothing_style, args.weight_mode, args.class_weights) == (
+        0.1,
+        "uniform",
+        "torch",
+        None,
+    )
+    for name in ("label_smoothing", "smoothing_style", "weight_mode", "class_weights"):
+        assert SmoothingTrainingArguments.__dataclass_fields__[name].metadata["help"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--class_weights", "balanced"], "balanced"),
+        (["--class_weights", "1.0", "2.5"], [1.0, 2.5]),
+        ([], None),
+    ],
+)
+def test_arguments_parse_from_command_line(tmp_path, flags, expected):
+    parser = HfArgumentParser(SmoothingTrainingArguments)
+    cli = ["--output_dir", str(tmp_path), "--report_to", "none", "--label_smoothing", "0.2"]
+    cli += ["--smoothing_style", "off_target", "--weight_mode", "example", *flags]
+    (args,) = parser.parse_args_into_dataclasses(cli)
+    assert args.class_weights == expected
+    assert (args.label_smoothing, args.smoothing_style, args.weight_mode) == (0.2, "off_target", "example")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("balanced", "balanced"), ("[1.0, 2.5, 0]", [1.0, 2.5, 0.0])])
+def test_arguments_parse_from_yaml(tmp_path, value, expected):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"output_dir: {tmp_path}\nreport_to: none\nlabel_smoothing: 0.05\nclass_weights: {value}\n")
+    (args,) = HfArgumentParser(SmoothingTrainingArguments).parse_yaml_file(str(config))
+    assert args.class_weights == expected
+    assert args.label_smoothing == 0.05
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"label_smoothing": 1.5}, r"label_smoothing must be a float in \[0, 1\), got 1.5"),
+        ({"label_smoothing": "0.1"}, r"label_smoothing must be a float in \[0, 1\), got '0.1'"),
+        ({"smoothing_style": "fairseq"}, "smoothing_style must be one of 'uniform', 'off_target', got 'fairseq'"),
+        ({"weight_mode": "sample"}, "weight_mode must be one of 'torch', 'example', got 'sample'"),
+        ({"class_weights": "inverse"}, r"class_weights must be None, \"balanced\" or a list .* got \['inverse'\]"),
+        ({"class_weights": [1.0, -2.0]}, r"class_weights must be finite and non-negative, got \[1.0, -2.0\]"),
+        ({"class_weights": [1.0]}, r"class_weights needs one weight per class \(at least 2\), got \[1.0\]"),
+        ({"label_smoothing_factor": 0.1}, "label_smoothing=0.1 and label_smoothing_factor=0.1 are both set"),
+    ],
+)
+def test_arguments_errors(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SmoothingTrainingArguments(output_dir=str(tmp_path), report_to=[], **kwargs)
+
+
+# ---- SmoothingTrainer construction ----
+
+
+def _bert(**config_kwargs):
+    config = BertConfig(
+        vocab_size=24,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        **config_kwargs,
+    )
+    return BertForSequenceClassification(config)
+
+
+def _plain_args(tmp_path, **kwargs):
+    return TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("model_kwargs", "trainer_kwargs", "match"),
+    [
+        ({"num_labels": 3, "problem_type": "multi_label_classification"}, {}, "multi_label_classification"),
+        ({"num_labels": 1}, {}, r"regression head \(problem_type=None, num_labels=1\)"),
+        ({"num_labels": 3, "problem_type": "regression"}, {}, "regression head"),
+        ({"num_labels": 3}, {"compute_loss_func": lambda *a, **k: 0}, "compute_loss_func must be None"),
+        ({"num_labels": 3}, {"class_weights": [1.0, 2.0]}, r"one weight per class of the model's head \(3\), got 2"),
+        ({"num_labels": 3}, {"class_weights": "balanced"}, "needs a map-style train_dataset"),
+        ({"num_labels": 3}, {"class_weights": [1.0, 2.0, -1.0]}, "class_weights must be finite and non-negative"),
+        ({"num_labels": 3}, {"label_smoothing": 1.0}, r"label_smoothing must be a float in \[0, 1\), got 1.0"),
+        ({"num_labels": 3}, {"smoothing_style": "x"}, "smoothing_style must be one of 'uniform', 'off_target'"),
+        ({"num_labels": 3}, {"weight_mode": "x"}, "weight_mode must be one of 'torch', 'example', got 'x'"),
+        ({"num_labels": 3}, {"shift_labels": "yes"}, r"shift_labels must be None \(detect\), True or False"),
+    ],
+)
+def test_trainer_construction_errors(tmp_path, model_kwargs, trainer_kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SmoothingTrainer(model=_bert(**model_kwargs), args=_plain_args(tmp_path), **trainer_kwargs)
+
+
+def test_trainer_rejects_double_smoothing(tmp_path):
+    args = _plain_args(tmp_path, label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match="label_smoothing=0.2 and label_smoothing_factor=0.1 are both set"):
+        SmoothingTrainer(model=_bert(num_labels=3), args=args, label_smoothing=0.2)
+
+
+def test_trainer_balanced_weights_need_every_class(tmp_path):
+    data = [{"input_ids": [2, 3], "label": 0}, {"input_ids": [4], "label": 2}]
+    with pytest.raises(ValueError, match=r"classes \[1\] \(1 of 3\) have none"):
+        SmoothingTrainer(
+            model=_bert(num_labels=3), args=_plain_args(tmp_path), train_dataset=data, class_weights="balanced"
+        )
+
+
+def test_trainer_options_from_plain_arguments_and_overrides(tmp_path):
+    model = _bert(num_labels=3)
+    trainer = SmoothingTrainer(model=model, args=_plain_args(tmp_path))
+    assert (trainer.label_smoothing, trainer.smoothing_style, trainer.weight_mode) == (0.1, "uniform", "torch")
+    assert trainer.class_weights is None and not trainer.shift_labels
+    # The base factor alone keeps its meaning (uniform smoothing of that size) and no `LabelSmoother` runs as well.
+    trainer = SmoothingTrainer(model=model, args=_plain_args(tmp_path, label_smoothing_factor=0.05))
+    assert trainer.label_smoothing == 0.05 and trainer.label_smoother is None
+    trainer = SmoothingTrainer(
+        model=model,
+        args=SmoothingTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, class_weights=[1, 2, 3]),
+        label_smoothing=0.0,
+        weight_mode="example",
+    )
+    assert (trainer.label_smoothing, trainer.weight_mode) == (0.0, "example")
+    torch.testing.assert_close(trainer.class_weights, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+
+
+def test_causal_lm_shift_is_detected_and_can_be_overridden(tmp_path):
+    args = _plain_args(tmp_path)
+    assert SmoothingTrainer(model=tasks.model("causal_lm"), args=args).shift_labels is True
+    assert SmoothingTrainer(model=tasks.model("causal_lm"), args=args, shift_labels=False).shift_labels is False
+    assert SmoothingTrainer(model=tasks.model("token_cls"), args=args).shift_labels is False
+
+
+@pytest.mark.parametrize("task", ["seq_cls", "token_cls"])
+def test_balanced_weights_from_training_set(tmp_path, task):
+    data = tasks.examples(task)
+    trainer = SmoothingTrainer(
+        model=tasks.model(task), args=_plain_args(tmp_path), train_dataset=data, class_weights="balanced"
+    )
+    key = "label" if task == "seq_cls" else "labels"
+    flat = np.array([y for row in data for y in np.atleast_1d(row[key]) if y != -100])
+    expected = compute_class_weight("balanced", classes=np.arange(tasks.NUM_LABELS[task]), y=flat)
+    torch.testing.assert_close(trainer.class_weights, torch.from_numpy(expected))
+
+
+def test_balanced_weights_for_causal_lm_count_shifted_labels(tmp_path):
+    # Token 3 only starts sequences, so it is never a target: counted without the shift, it would not be missing.
+    data = [{"input_ids": [3, 2, 4], "labels": [3, 2, 4]}, {"input_ids": [3, 4, 2, 2], "labels": [3, 4, 2, 2]}]
+    model = tasks.model("causal_lm")
+    model.resize_token_embeddings(5)
+    with pytest.raises(ValueError, match=r"classes \[0, 1, 3\] \(3 of 5\) have none"):
+        SmoothingTrainer(model=model, args=_plain_args(tmp_path), train_dataset=data, class_weights="balanced")

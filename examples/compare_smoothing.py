@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-import yaml
+from common import load_config_file  # examples/common.py: the YAML reader glue.py uses (with `extends:`)
 from transformers import HfArgumentParser
 
 from hf_lsce.calibration import apply_temperature, fit_temperature
@@ -55,7 +55,8 @@ HISTOGRAM_BINS = 20
 class CompareArguments:
     config: str | None = field(default=None, metadata={"help": "YAML file with any of these fields (the grid)."})
     base_config: str | None = field(
-        default=None, metadata={"help": "The glue.py --config every run starts from (model, data, training)."}
+        default=None,
+        metadata={"help": "The glue.py --config every run starts from (model, data, training); glue_overrides win."},
     )
     output_dir: str = field(default="runs/compare", metadata={"help": "Where the runs, table and plots go."})
     seeds: list[int] = field(default_factory=lambda: [42, 43, 44], metadata={"help": "Seeds of every setting."})
@@ -131,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> CompareArguments:
     argv = sys.argv[1:] if argv is None else argv
     (pre,) = parser.parse_args_into_dataclasses(argv)
     if pre.config is not None:
-        loaded = yaml.safe_load(Path(pre.config).read_text()) or {}
+        loaded = load_config_file(pre.config)
         known = {f.name for f in fields(CompareArguments)} - {"config"}
         unknown = sorted(set(loaded) - known)
         if unknown:
@@ -149,9 +150,17 @@ def parse_args(argv: list[str] | None = None) -> CompareArguments:
     for style in args.smoothing_style:
         if style not in ("uniform", "off_target"):
             raise ValueError(f"smoothing_style must be 'uniform' or 'off_target', got {style!r}")
-    if not args.report_only and args.base_config is None:
-        raise ValueError("base_config (the glue.py config of every run) is required unless --report_only")
     return args
+
+
+def check_base_config(args: CompareArguments) -> None:
+    """glue.py has no flag that unsets class weights, so a base config that sets them cannot run "none"."""
+    base = load_config_file(args.base_config) if args.base_config else {}
+    if base.get("class_weights") is not None and "none" in args.class_weights:
+        raise ValueError(
+            f"{args.base_config} sets class_weights={base['class_weights']!r}, so the grid's class_weights 'none' "
+            "cannot be run: use a base config without class_weights and list the weights in the grid instead"
+        )
 
 
 def expand_grid(args: CompareArguments) -> list[Setting]:
@@ -173,10 +182,13 @@ def glue_command(args: CompareArguments, setting: Setting, seed: int, run_dir: P
             launcher += ["--config_file", args.accelerate_config]
     else:
         launcher = [sys.executable]
-    flags = ["--config", args.base_config, "--label_smoothing", f"{setting.label_smoothing:g}", "--seed", str(seed)]
+    flags = ["--config", args.base_config] if args.base_config else []
+    flags += ["--label_smoothing", f"{setting.label_smoothing:g}", "--seed", str(seed)]
     if setting.smoothing_style:
         flags += ["--smoothing_style", setting.smoothing_style]
-    flags += ["--class_weights", setting.class_weights]
+    if setting.class_weights != "none":
+        # glue.py takes `balanced` or one float per class as separate words; "none" is its default (no flag).
+        flags += ["--class_weights", *setting.class_weights.split(",")]
     for override in args.glue_overrides:
         key, value = override.split("=", 1)
         flags += [f"--{key}", value]
@@ -564,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     failures = []
     if not args.report_only:
+        check_base_config(args)
         settings = expand_grid(args)
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         print(f"{len(settings)} settings × {len(args.seeds)} seeds -> {args.output_dir}", flush=True)

@@ -1,0 +1,245 @@
+"""The smoothing comparison, end to end on a tiny model through the real examples/glue.py, offline."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples"))
+
+import compare_smoothing  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("reliability.png", "accuracy_ece_vs_eps.png", "confidence_hist.png")
+
+
+POSITIVE = "good great fine lovely superb fun".split()
+NEGATIVE = "bad awful dull boring poor sad".split()
+FILLER = "the a movie film plot was is really quite".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer BERT with hidden size 32 and a word-level tokenizer, saved to disk: no download anywhere."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {token: index for index, token in enumerate(specials + POSITIVE + NEGATIVE + FILLER)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Train/validation/test CSVs of short sentences whose label is the polarity of one word (60/40 classes)."""
+    import random
+
+    import pandas as pd
+
+    folder = tmp_path_factory.mktemp("tiny_data")
+    rng = random.Random(0)
+    files = {}
+    for split, size in (("train", 48), ("validation", 24), ("test", 24)):
+        rows = []
+        for index in range(size):
+            label = int(index % 5 < 3)
+            words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if label else NEGATIVE)]
+            rng.shuffle(words)
+            rows.append({"sentence": " ".join(words), "label": label})
+        files[split] = folder / f"{split}.csv"
+        pd.DataFrame(rows).to_csv(files[split], index=False)
+    return files
+
+
+def _write_yaml(path: Path, values: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grid and configuration (fast, no training)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_grid_runs_cross_entropy_once_and_adds_one_baseline_per_class_weight():
+    args = compare_smoothing.parse_args(
+        ["--base_config", "x.yaml", "--label_smoothing", "0", "0.1", "--class_weights", "none", "balanced"]
+    )
+    slugs = [setting.slug for setting in compare_smoothing.expand_grid(args)]
+    assert slugs == [
+        "eps0-cw_none",
+        "eps0-cw_balanced",
+        "eps0.1-uniform-cw_none",
+        "eps0.1-off_target-cw_none",
+        "eps0.1-uniform-cw_balanced",
+        "eps0.1-off_target-cw_balanced",
+        "eps0-cw_none-ts",
+        "eps0-cw_balanced-ts",
+    ]
+
+
+def test_no_baseline_without_epsilon_zero():
+    args = compare_smoothing.parse_args(["--base_config", "x.yaml", "--label_smoothing", "0.1", "0.2"])
+    assert not any(setting.temperature_scaling for setting in compare_smoothing.expand_grid(args))
+
+
+def test_command_line_overrides_yaml(tmp_path):
+    config = _write_yaml(
+        tmp_path / "grid.yaml",
+        {"base_config": "a.yaml", "seeds": [1, 2], "label_smoothing": [0.0], "glue_overrides": {"max_seq_length": 64}},
+    )
+    args = compare_smoothing.parse_args(["--config", str(config), "--seeds", "7"])
+    assert args.seeds == [7]
+    assert args.base_config == "a.yaml"
+    assert args.label_smoothing == [0.0]
+    assert args.glue_overrides == ["max_seq_length=64"]
+    command = compare_smoothing.glue_command(args, compare_smoothing.expand_grid(args)[0], 7, tmp_path / "run")
+    assert command[-2:] == ["--output_dir", str(tmp_path / "run")]
+    assert ["--max_seq_length", "64"] == command[command.index("--max_seq_length") :][:2]
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    config = _write_yaml(tmp_path / "grid.yaml", {"base_config": "a.yaml", "label_smothing": [0.1]})
+    with pytest.raises(ValueError, match="label_smothing"):
+        compare_smoothing.parse_args(["--config", str(config)])
+
+
+def test_report_only_without_records_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing to report"):
+        compare_smoothing.main(["--output_dir", str(tmp_path), "--report_only"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end: tiny BERT through examples/glue.py, table and plots, then a re-run that trains nothing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _run_compare(config: Path, output_dir: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "examples" / "compare_smoothing.py"), "--config", str(config)]
+    command += ["--output_dir", str(output_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_tiny_grid_end_to_end_then_rerun_skips(tmp_path, tiny_model, tiny_data):
+    base = _write_yaml(
+        tmp_path / "tiny_glue.yaml",
+        {
+            "model_name_or_path": str(tiny_model),
+            "train_file": str(tiny_data["train"]),
+            "validation_file": str(tiny_data["validation"]),
+            "test_file": str(tiny_data["test"]),
+            "text_columns": "sentence",
+            "max_seq_length": 16,
+            "num_train_epochs": 1,
+            "per_device_train_batch_size": 16,
+            "per_device_eval_batch_size": 32,
+            "learning_rate": 1e-3,
+            "eval_strategy": "no",
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+            "disable_tqdm": True,
+        },
+    )
+    grid = _write_yaml(
+        tmp_path / "grid.yaml",
+        {
+            "base_config": str(base),
+            "seeds": [1],
+            "label_smoothing": [0.0, 0.1],
+            "smoothing_style": ["uniform"],
+            "class_weights": ["none"],
+            "title": "tiny",
+        },
+    )
+    output_dir = tmp_path / "out"
+    first = _run_compare(grid, output_dir)
+    assert first.stdout.count(": training ->") == 2
+
+    table = (output_dir / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ε=")]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| ε=0 (cross-entropy)",
+        "| ε=0 + temperature scaling",
+        "| ε=0.1 uniform",
+    ]
+    for name in PLOTS:
+        content = (output_dir / name).read_bytes()
+        assert content[:8] == PNG_SIGNATURE, name
+        assert len(content) > 5_000, name
+
+    records = sorted(output_dir.glob("*/seed1/analysis.json"))
+    assert [path.parent.parent.name for path in records] == [
+        "eps0-cw_none",
+        "eps0-cw_none-ts",
+        "eps0.1-uniform-cw_none",
+    ]
+    baseline = json.loads((output_dir / "eps0-cw_none" / "seed1" / "analysis.json").read_text())
+    scaled = json.loads((output_dir / "eps0-cw_none-ts" / "seed1" / "analysis.json").read_text())
+    assert scaled["temperature"] > 0
+    # Temperature scaling never changes a prediction, and is fitted to lower the validation NLL.
+    assert scaled["metrics"]["test"]["accuracy"] == baseline["metrics"]["test"]["accuracy"]
+    assert scaled["metrics"]["validation"]["nll"] <= baseline["metrics"]["validation"]["nll"] + 1e-9
+    glue_record = json.loads((output_dir / "eps0.1-uniform-cw_none" / "seed1" / "record.json").read_text())
+    assert glue_record["config"]["label_smoothing"] == 0.1
+    assert glue_record["config"]["seed"] == 1
+
+    trained = {path: path.stat().st_mtime_ns for path in output_dir.glob("*/seed1/record.json")}
+    second = _run_compare(grid, output_dir)
+    assert second.stdout.count("record exists, skipped") == 2
+    assert ": training ->" not in second.stdout
+    assert {path: path.stat().st_mtime_ns for path in output_dir.glob("*/seed1/record.json")} == trained
+
+    # The report is rebuilt from the records alone.
+    (output_dir / "results.md").unlink()
+    report = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "examples" / "compare_smoothing.py"),
+            "--output_dir",
+            str(output_dir),
+            "--report_only",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    rebuilt = (output_dir / "results.md").read_text()
+    assert [line for line in rebuilt.splitlines() if line.startswith("|")] == [
+        line for line in table.splitlines() if line.startswith("|")
+    ]

@@ -22,20 +22,23 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertForTokenClassification,
+    DataCollatorForSeq2Seq,
     DataCollatorForTokenClassification,
     DataCollatorWithPadding,
     GPT2Config,
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
     Trainer,
 )
 
 from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments
 
-TASKS = ("seq_cls", "token_cls", "causal_lm")
+TASKS = ("seq_cls", "token_cls", "causal_lm")  # the invariants' tasks; "seq2seq" (tiny T5) is also available
 LENGTHS = (3, 11, 5, 8, 2, 12, 6, 4)
 VOCAB_SIZE = 24
-NUM_LABELS = {"seq_cls": 3, "token_cls": 4, "causal_lm": VOCAB_SIZE}
+NUM_LABELS = {"seq_cls": 3, "token_cls": 4, "causal_lm": VOCAB_SIZE, "seq2seq": VOCAB_SIZE}
 LEARNING_RATE = 0.5
 EPSILON = 0.1
 
@@ -65,6 +68,9 @@ def examples(task: str, lengths=LENGTHS) -> list[dict]:
             labels = torch.randint(0, NUM_LABELS[task], (length,), generator=generator).tolist()
             # Sub-word continuations are labelled -100, as `DataCollatorForTokenClassification` users do.
             row["labels"] = [label if j % 3 != 1 else -100 for j, label in enumerate(labels)]
+        elif task == "seq2seq":
+            target_length = 1 + (5 * length) % 7
+            row["labels"] = torch.randint(2, VOCAB_SIZE, (target_length,), generator=generator).tolist()
         else:
             row["labels"] = list(ids)
         rows.append(row)
@@ -73,6 +79,12 @@ def examples(task: str, lengths=LENGTHS) -> list[dict]:
 
 def model(task: str, dtype=torch.float64) -> torch.nn.Module:
     torch.manual_seed(0)
+    if task == "seq2seq":
+        config = T5Config(
+            vocab_size=VOCAB_SIZE, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
+            dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        )  # fmt: skip
+        return T5ForConditionalGeneration(config).to(dtype)
     if task == "causal_lm":
         config = GPT2Config(
             vocab_size=VOCAB_SIZE, n_embd=16, n_layer=1, n_head=2, n_positions=32,
@@ -91,6 +103,9 @@ def model(task: str, dtype=torch.float64) -> torch.nn.Module:
 def collator(task: str):
     if task == "seq_cls":
         return DataCollatorWithPadding(tokenizer())
+    if task == "seq2seq":
+        # No `model=`: the trainer must build `decoder_input_ids` from the labels itself.
+        return DataCollatorForSeq2Seq(tokenizer())
     # Pads `labels` with -100, which is what the causal LM needs too.
     return DataCollatorForTokenClassification(tokenizer())
 
@@ -128,6 +143,19 @@ class OrderedTrainer(SequentialSamplerMixin, Trainer):
     pass
 
 
+class OrderedModelMeanTrainer(OrderedTrainer):
+    """Plain `Trainer` that leaves the loss to the model's own mean (no ``num_items_in_batch``).
+
+    Needed for GPT-2 in Transformers 5.x: `GPT2LMHeadModel` has ``loss_type=None``, so `Trainer` does not know its
+    loss shifts the labels and counts ``num_items_in_batch`` over unshifted labels (one per sequence too many), which
+    makes the plain Trainer's causal-LM loss too small by ``(n - B) / n`` even without accumulation.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False
+
+
 def training_args(
     output_dir, batch_size: int, grad_accum: int, steps: int = 1, **kwargs
 ) -> SmoothingTrainingArguments:
@@ -142,9 +170,10 @@ def training_args(
 
 
 def run(task, output_dir, batch_size, grad_accum, *, trainer_cls=OrderedSmoothingTrainer, steps=1, lengths=LENGTHS,
-        weights=True, args_kwargs=None, **trainer_kwargs) -> dict:  # fmt: skip
+        weights=True, args_kwargs=None, dtype=torch.float64, resume_from_checkpoint=None, eval_dataset=None,
+        **trainer_kwargs) -> dict:  # fmt: skip
     """Trains ``steps`` optimizer steps; returns the final parameters, the training loss and the logged losses."""
-    net = model(task)
+    net = model(task, dtype)
     kwargs = dict(args_kwargs or {})
     if weights and trainer_cls is not PerMicroBatchMeanTrainer:
         kwargs.setdefault("class_weights", class_weights(task))
@@ -153,9 +182,10 @@ def run(task, output_dir, batch_size, grad_accum, *, trainer_cls=OrderedSmoothin
         kwargs["label_smoothing"] = 0.0
     args = training_args(output_dir, batch_size, grad_accum, steps=steps, **kwargs)
     trainer = trainer_cls(
-        model=net, args=args, train_dataset=examples(task, lengths), data_collator=collator(task), **trainer_kwargs
-    )
-    output = trainer.train()
+        model=net, args=args, train_dataset=examples(task, lengths), eval_dataset=eval_dataset,
+        data_collator=collator(task), **trainer_kwargs,
+    )  # fmt: skip
+    output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {"params": params, "training_loss": output.training_loss, "logged": logged, "trainer": trainer}
@@ -167,7 +197,8 @@ def full_batch_reference(task, lengths=LENGTHS, weights=True, epsilon=EPSILON) -
     reference = copy.deepcopy(net)
     batch = collator(task)(examples(task, lengths))
     labels = batch.pop("labels")
-    logits = net(**batch).logits
+    # T5 builds its decoder inputs from the labels; its loss is not used.
+    logits = net(**batch, labels=labels).logits if task == "seq2seq" else net(**batch).logits
     if task == "causal_lm":
         logits, labels = logits[..., :-1, :], labels[..., 1:]
     weight = torch.tensor(class_weights(task), dtype=torch.float64) if weights else None

@@ -91,6 +91,14 @@ class CompareArguments:
         default=None,
         metadata={"help": "Also copy results.md/.csv, the plots and all analysis records (records.jsonl) here."},
     )
+    readme: str | None = field(
+        default=None,
+        metadata={
+            "help": "Paste results.md into this Markdown file, between `<!-- results:NAME -->` and "
+            "`<!-- /results:NAME -->` (NAME from --readme_marker), replacing what was there."
+        },
+    )
+    readme_marker: str | None = field(default=None, metadata={"help": "NAME of the --readme markers."})
 
 
 @dataclass(frozen=True)
@@ -538,6 +546,19 @@ def plot_confidence_histograms(groups: dict[str, list[dict]], path: Path) -> Non
     plt.close(fig)
 
 
+def paste_into_readme(readme: Path, marker: str | None, content: str) -> None:
+    """Replaces the text between ``<!-- results:marker -->`` and ``<!-- /results:marker -->`` with ``content``."""
+    if not marker:
+        raise ValueError("--readme needs --readme_marker, the NAME in <!-- results:NAME -->")
+    start, end = f"<!-- results:{marker} -->", f"<!-- /results:{marker} -->"
+    text = readme.read_text()
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{readme} must contain {start} once, followed by {end} once")
+    before, rest = text.split(start)
+    _, after = rest.split(end)
+    readme.write_text(f"{before}{start}\n{content.strip()}\n{end}{after}")
+
+
 def write_report(args: CompareArguments) -> Path:
     import matplotlib
 
@@ -566,6 +587,8 @@ def write_report(args: CompareArguments) -> Path:
         with (export / "records.jsonl").open("w") as file:
             for record in records:
                 file.write(json.dumps(record) + "\n")
+    if args.readme:
+        paste_into_readme(Path(args.readme), args.readme_marker, (output_dir / "results.md").read_text())
     print(
         f"wrote {', '.join(outputs)} to {output_dir}" + (f" (copied to {args.export_dir})" if args.export_dir else "")
     )

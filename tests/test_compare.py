@@ -136,6 +136,22 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
         compare_smoothing.parse_args(["--config", str(config)])
 
 
+def test_base_config_with_class_weights_cannot_run_none(tmp_path):
+    base = _write_yaml(tmp_path / "base.yaml", {"class_weights": "balanced"})
+    args = compare_smoothing.parse_args(["--base_config", str(base), "--class_weights", "none", "balanced"])
+    with pytest.raises(ValueError, match="class_weights 'none' cannot be run"):
+        compare_smoothing.check_base_config(args)
+
+
+def test_paste_into_readme_replaces_only_the_marked_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:demo -->\nold table\n<!-- /results:demo -->\noutro\n")
+    compare_smoothing.paste_into_readme(readme, "demo", "| new |\n")
+    assert readme.read_text() == "intro\n<!-- results:demo -->\n| new |\n<!-- /results:demo -->\noutro\n"
+    with pytest.raises(ValueError, match="results:other"):
+        compare_smoothing.paste_into_readme(readme, "other", "x")
+
+
 def test_report_only_without_records_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to report"):
         compare_smoothing.main(["--output_dir", str(tmp_path), "--report_only"])

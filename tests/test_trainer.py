@@ -97,6 +97,23 @@ def test_two_processes_negative_control_fails(two_process_results, references, t
     assert tasks.max_abs_diff(result["params"], references[task]["params"]) > 1e-3
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_through_accelerate_launch(tmp_path, references):
+    """The multi-GPU command a user runs; without GPUs accelerate starts 2 CPU ranks on gloo."""
+    out = tmp_path / "results.pt"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--main_process_port", str(_free_port()), str(SCRIPTS / "trainer_worker.py"), str(out), "seq_cls",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = torch.load(out, weights_only=False)
+    for split in ("2x4", "2x2x2"):
+        _check_matches_reference(results[f"seq_cls/{split}"], references["seq_cls"])
+
+
 # ---- behaviour ----
 
 

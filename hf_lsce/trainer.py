@@ -67,8 +67,9 @@ class SmoothingTrainer(Trainer):
 
     Args:
         model, args, **kwargs: as for `transformers.Trainer`. ``args`` may be a `SmoothingTrainingArguments` or a
-            plain `TrainingArguments`; in the latter case the options below default to ``label_smoothing=0.1``
-            (or the base ``label_smoothing_factor`` when that is > 0), ``"uniform"``, ``"torch"`` and no weights.
+            plain `TrainingArguments`; in the latter case the options below default to ``label_smoothing=0.1``,
+            ``"uniform"``, ``"torch"`` and no weights. A base ``label_smoothing_factor > 0`` is used as ``eps`` when
+            ``label_smoothing`` is 0 or not given (`Trainer`'s own `LabelSmoother` never runs); both > 0 is an error.
         label_smoothing (`float`, *optional*): overrides ``args.label_smoothing``.
         smoothing_style (`str`, *optional*): overrides ``args.smoothing_style``.
         weight_mode (`str`, *optional*): overrides ``args.weight_mode``.
@@ -97,25 +98,26 @@ class SmoothingTrainer(Trainer):
     ) -> None:
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("SmoothingTrainer computes the loss itself; compute_loss_func must be None")
+        label_smoothing_given = label_smoothing is not None
         if shift_labels not in (None, True, False):
             raise ValueError(f"shift_labels must be None (detect), True or False, got {shift_labels!r}")
         # Options are resolved and validated before the (slow) base constructor, so bad input fails fast.
-        factor = getattr(args, "label_smoothing_factor", 0.0)
         if label_smoothing is None:
-            label_smoothing = getattr(args, "label_smoothing", None)
-        if label_smoothing is None:
-            label_smoothing = factor if factor > 0 else DEFAULT_LABEL_SMOOTHING
-        elif label_smoothing == 0 and factor > 0:
-            # The base option alone keeps meaning what it means for `Trainer`: uniform smoothing of that size.
-            label_smoothing = factor
-        else:
-            check_no_double_smoothing(label_smoothing, factor)
-        self.label_smoothing = label_smoothing
+            label_smoothing = getattr(args, "label_smoothing", DEFAULT_LABEL_SMOOTHING)
         self.smoothing_style = (
             smoothing_style if smoothing_style is not None else getattr(args, "smoothing_style", "uniform")
         )
         self.weight_mode = weight_mode if weight_mode is not None else getattr(args, "weight_mode", "torch")
-        check_smoothing_options(self.label_smoothing, self.smoothing_style, self.weight_mode)
+        check_smoothing_options(label_smoothing, self.smoothing_style, self.weight_mode)
+        factor = getattr(args, "label_smoothing_factor", 0.0)
+        explicit = label_smoothing_given or hasattr(args, "label_smoothing")
+        if factor > 0 and (label_smoothing == 0 or not explicit):
+            # The base option alone keeps its `Trainer` meaning (uniform smoothing of that size), applied here
+            # instead of by `Trainer`'s `LabelSmoother`.
+            label_smoothing = factor
+        elif explicit:
+            check_no_double_smoothing(label_smoothing, factor)
+        self.label_smoothing = label_smoothing
         if class_weights is None:
             class_weights = getattr(args, "class_weights", None)
         class_weights = check_class_weights(class_weights)

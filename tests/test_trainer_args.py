@@ -140,6 +140,7 @@ def _plain_args(tmp_path, **kwargs):
         ({"num_labels": 3}, {"class_weights": "balanced"}, "needs a map-style train_dataset"),
         ({"num_labels": 3}, {"class_weights": [1.0, 2.0, -1.0]}, "class_weights must be finite and non-negative"),
         ({"num_labels": 3}, {"label_smoothing": 1.0}, r"label_smoothing must be a float in \[0, 1\), got 1.0"),
+        ({"num_labels": 3}, {"label_smoothing": "0.1"}, r"label_smoothing must be a float in \[0, 1\), got '0.1'"),
         ({"num_labels": 3}, {"smoothing_style": "x"}, "smoothing_style must be one of 'uniform', 'off_target'"),
         ({"num_labels": 3}, {"weight_mode": "x"}, "weight_mode must be one of 'torch', 'example', got 'x'"),
         ({"num_labels": 3}, {"shift_labels": "yes"}, r"shift_labels must be None \(detect\), True or False"),
@@ -179,6 +180,10 @@ def test_trainer_options_from_plain_arguments_and_overrides(tmp_path):
         weight_mode="example",
     )
     assert (trainer.label_smoothing, trainer.weight_mode) == (0.0, "example")
+    args = SmoothingTrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, label_smoothing=0.0, label_smoothing_factor=0.2
+    )
+    assert SmoothingTrainer(model=model, args=args).label_smoothing == 0.2
     torch.testing.assert_close(trainer.class_weights, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
 
 

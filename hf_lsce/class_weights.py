@@ -13,23 +13,24 @@ CLASS_WEIGHT_METHODS = ("balanced",)
 
 
 def _flatten_labels(labels: Tensor | Iterable) -> Tensor:
-    """Turns a tensor, array or (nested) list of integer labels into one flat int64 tensor."""
-    if isinstance(labels, Tensor):
-        return labels.reshape(-1).long()
-    flat = []
-    stack = [labels]
-    # Token tasks give one list per example; walk nested lists without assuming equal lengths.
-    while stack:
-        item = stack.pop()
-        if isinstance(item, Tensor):
-            flat.extend(item.reshape(-1).tolist())
-        elif isinstance(item, numbers.Integral):
-            flat.append(int(item))
-        elif isinstance(item, Iterable) and not isinstance(item, (str, bytes)):
-            stack.extend(reversed(list(item)))
-        else:
-            raise TypeError(f"labels must hold integer class indices, got an element of type {type(item).__name__}")
-    return torch.tensor(flat, dtype=torch.long)
+    """Turns a tensor, array or (nested, ragged) list of integer labels into one flat int64 tensor."""
+    if isinstance(labels, (str, bytes)) or (isinstance(labels, Tensor) and labels.is_floating_point()):
+        raise TypeError(f"labels must hold integer class indices, got {labels!r}")
+    if isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
+        return torch.tensor([int(labels)])
+    try:
+        # Flat or rectangular input converts in one call; ragged token labels fall through to one call per example.
+        flat = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        flat = None
+    if flat is not None:
+        if flat.is_floating_point() or flat.dtype == torch.bool or flat.is_complex():
+            raise TypeError(f"labels must hold integer class indices, got {flat.dtype} values")
+        return flat.reshape(-1).long()
+    if not isinstance(labels, Iterable):
+        raise TypeError(f"labels must hold integer class indices, got an element of type {type(labels).__name__}")
+    parts = [_flatten_labels(item) for item in labels]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 
 def compute_class_weights(

@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -194,11 +195,13 @@ def test_causal_lm_shift_is_detected_and_can_be_overridden(tmp_path):
     assert SmoothingTrainer(model=tasks.model("token_cls"), args=args).shift_labels is False
 
 
+@pytest.mark.parametrize("as_dataset", [False, True])
 @pytest.mark.parametrize("task", ["seq_cls", "token_cls"])
-def test_balanced_weights_from_training_set(tmp_path, task):
+def test_balanced_weights_from_training_set(tmp_path, task, as_dataset):
     data = tasks.examples(task)
+    train_dataset = datasets.Dataset.from_list(data) if as_dataset else data
     trainer = SmoothingTrainer(
-        model=tasks.model(task), args=_plain_args(tmp_path), train_dataset=data, class_weights="balanced"
+        model=tasks.model(task), args=_plain_args(tmp_path), train_dataset=train_dataset, class_weights="balanced"
     )
     key = "label" if task == "seq_cls" else "labels"
     flat = np.array([y for row in data for y in np.atleast_1d(row[key]) if y != -100])

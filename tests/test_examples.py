@@ -247,8 +247,7 @@ def test_offline_glue_fails_fast_with_one_message(tmp_path):
 
 def test_unreachable_hub_fails_in_seconds(monkeypatch, tmp_path):
     # Not offline mode, but the endpoint refuses connections: the probe answers at once instead of datasets' retries.
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(common, "hub_offline_mode", lambda: False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     common.hub_unreachable_reason.cache_clear()
     start = time.perf_counter()
@@ -390,3 +389,62 @@ def test_token_classification_end_to_end(tiny_model, tmp_path):
         words = sum(len(json.loads(line)["tokens"]) for line in open(tmp_path / f"{split}.jsonl"))
         assert arrays[f"{split}_logits"].shape == (words, 4) and arrays[f"{split}_labels"].shape == (words,)
     assert {"eval_f1", "eval_precision", "eval_recall", "eval_nll"} <= set(record["evaluations"][0])
+
+
+def test_glue_hub_path_mnli_with_a_stand_in_for_the_hub(tiny_model, tmp_path, monkeypatch):
+    # The GLUE code path (splits, columns, label names, official metrics) on a stand-in for nyu-mll/glue's mnli.
+    import datasets
+
+    rng = np.random.default_rng(4)
+    features = datasets.Features(
+        {
+            "premise": datasets.Value("string"),
+            "hypothesis": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"]),
+            "idx": datasets.Value("int32"),
+        }
+    )
+
+    def split(size, labeled=True):
+        rows = {
+            "premise": [sentiment_text(rng, bool(i % 2)) for i in range(size)],
+            "hypothesis": ["the movie"] * size,
+            "label": [int(i % 3) if labeled else -1 for i in range(size)],
+            "idx": list(range(size)),
+        }
+        return datasets.Dataset.from_dict(rows, features=features)
+
+    stand_in = datasets.DatasetDict(
+        train=split(24), validation_matched=split(9), validation_mismatched=split(6), test_matched=split(5, False)
+    )
+    calls = []
+    monkeypatch.setattr(glue.datasets, "load_dataset", lambda *args, **kwargs: calls.append(args) or stand_in)
+    output_dir = tmp_path / "mnli"
+    final = glue.main(
+        ["--task_name", "MNLI", "--model_name_or_path", tiny_model, "--max_steps", "2", "--output_dir",
+         str(output_dir), *FAST_TRAINING]
+    )  # fmt: skip
+    assert calls == [("nyu-mll/glue", "mnli")]
+    assert set(final) == {"validation", "validation_mismatched"}  # GLUE's test labels are hidden (-1)
+    assert "f1" not in final["validation"] and math.isfinite(final["validation"]["macro_f1"])
+    record, arrays = read_record(output_dir)
+    assert record["official_metrics"] == ["accuracy"]
+    assert arrays["validation_logits"].shape == (9, 3) and arrays["validation_mismatched_logits"].shape == (6, 3)
+
+
+def test_token_classification_offline_hub_error(tmp_path):
+    with pytest.raises(common.UsageError, match="cannot load dataset 'eriktks/conll2003'.*local files"):
+        token_classification.main(["--dataset_name", "eriktks/conll2003", "--output_dir", str(tmp_path)])
+
+
+def test_token_classification_reads_conll_files(tmp_path):
+    text = "-DOCSTART- -X- -X- O\n\nAnna NNP B-NP B-PER\nlives VBZ B-VP O\nin IN B-PP O\nBerlin NNP B-NP B-LOC\n\n"
+    text += "Paris NNP B-NP B-LOC\n"
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.conll").write_text(text)
+    args = token_classification.DataArguments(
+        train_file=str(tmp_path / "train.conll"), validation_file=str(tmp_path / "validation.conll")
+    )
+    raw = token_classification.load_raw_datasets(args)
+    assert raw["train"]["tokens"] == [["Anna", "lives", "in", "Berlin"], ["Paris"]]
+    assert raw["train"]["ner_tags"] == [["B-PER", "O", "O", "B-LOC"], ["B-LOC"]]

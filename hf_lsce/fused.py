@@ -1,33 +1,50 @@
 """Fused, memory-lean path of `label_smoothed_cross_entropy` for large class counts (vocabularies).
 
 The reference path materializes ``log_softmax(input)`` in fp32 and autograd keeps it (and more) for the backward
-pass: about 3x the logits' size in extra memory, and most of the time goes to page faults on that fresh memory and
-to ``exp``. Here the rows are processed in chunks of about `DEFAULT_CHUNK_BYTES`; one pass over each chunk, in fp32
-(fp64 for fp64 logits), gives the log-sum-exp, the loss terms and the gradient, which is kept for the backward
-pass. With ``z = x - max(x)``, ``s = sum_c exp(z_c)``, ``p = exp(z) / s`` and the per-class factors
-``u_c = v_c q_c`` of the module docstring of `hf_lsce.loss` (``U = sum_c u_c``):
+pass: about 3x the logits' size in extra memory, and on CPUs most of the time goes to page faults on that fresh
+memory and to ``exp``. Here the rows are processed in chunks of about `DEFAULT_CHUNK_BYTES`, computed in fp32 (fp64
+for fp64 logits); a few passes over each chunk, while it sits in cache, give the log-sum-exp, the loss and the
+gradient, which is kept for the backward pass. With ``p = softmax(x)``, ``lse = logsumexp(x)`` and the per-class
+factors ``u_c = v_c q_c`` of `hf_lsce.loss`'s module docstring (``U = sum_c u_c``):
 
-    loss = -sum_c u_c (z_c - log s) = U log s - sum_c u_c z_c        d loss / dx = U p - u
+    loss = -sum_c u_c (x_c - lse) = U lse - sum_c u_c x_c        d loss / dx = U p - u
 
-For class-index targets ``u = v * (a one_hot(y) + b)`` has a closed form, so a chunk needs only ``z_y`` and one
-sum (or one product with the weights) over the classes. Chunks stay small enough to be reused by the allocator
-(no new page faults, and they live in cache between the few passes over them); the only full-size tensor is the
+For class-index targets ``u = v * (a one_hot(y) + b)`` has a closed form, so a chunk needs ``x_y``, one sum (or one
+product with the weights) over the classes and the softmax, computed in place. ``lse`` comes for free from the
+softmax: at the row's maximum ``m``, ``p_max = exp(m - lse)`` is at least ``1 / K``, so ``lse = m - log(p_max)``
+loses nothing to underflow.
+
+Memory: the chunks are small (reused by the allocator: no new page faults), so the only full-size tensor is the
 gradient, in the logits' dtype, or none at all with ``inplace_backward=True``, which writes the gradient into the
-logits' own buffer. The backward pass only scales the stored gradient by the incoming one (and skips that when it
-is 1, the usual case of ``loss.backward()``).
+logits' own buffer. The backward pass only scales the stored gradient by the incoming one, and skips even that for
+a scalar 1 (``loss.backward()``).
+
+Threads: on CPU the chunks are shared out to a small pool of Python threads, each running PyTorch single-threaded.
+Letting every small operation fork and join PyTorch's own OpenMP threads costs a barrier per operation, which
+dominates (and becomes several times slower) as soon as another process competes for the cores; whole chunks per
+thread keep the cores busy whatever the load. Other devices run the chunks in order (their kernels are
+asynchronous: nothing in the loop waits for the device).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+import queue
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from torch import Tensor
 
-# One chunk of fp32 rows. Measured on the 2-core EPYC of this project (2 MiB L2 per core, benchmarks/): 256 KiB to
-# 2 MiB are within noise of each other; larger chunks start to miss the cache, much smaller ones pay per-op overhead.
-DEFAULT_CHUNK_BYTES = 1 << 20
+# One chunk of fp32 rows per thread; it and the chunk of the gradient it writes should stay in that core's L2 cache
+# (2 MiB on the project's EPYC machines); much smaller chunks pay per-operation overhead (see benchmarks/).
+DEFAULT_CHUNK_BYTES = 1 << 19
 
-# Below this many classes `implementation="auto"` keeps the reference path (see benchmarks/bench_loss.py).
-FUSED_MIN_CLASSES = 4096
+# Below this many classes `implementation="auto"` keeps the reference path: the chunks' fixed per-operation cost
+# (tens of microseconds) is no longer repaid. Measured with benchmarks/bench_loss.py; K = 64 already gains.
+FUSED_MIN_CLASSES = 128
 
 
 def fused_cross_entropy(
@@ -66,15 +83,41 @@ def fused_cross_entropy(
                 f"implementation='fused' computes no gradient for {name}, which requires grad; "
                 "use implementation='reference'"
             )
+    # Function.apply reports requires_grad even under torch.no_grad(): the gradient (and the overwrite) is skipped
+    # only if we ask.
+    need_grad = torch.is_grad_enabled() and input.requires_grad
     return _FusedCrossEntropy.apply(
-        input, target, weight, denominator, ignore_index, reduction, a, b, weight_mode, inplace_backward, chunk_bytes
+        input,
+        target,
+        weight,
+        denominator,
+        ignore_index,
+        reduction,
+        a,
+        b,
+        weight_mode,
+        inplace_backward,
+        chunk_bytes,
+        need_grad,
     )
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, input, target, weight, denominator, ignore_index, reduction, a, b, weight_mode, inplace, chunk_bytes
+        ctx,
+        input,
+        target,
+        weight,
+        denominator,
+        ignore_index,
+        reduction,
+        a,
+        b,
+        weight_mode,
+        inplace,
+        chunk_bytes,
+        need_grad,
     ):
         num_classes = input.shape[-1]
         dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
@@ -95,26 +138,42 @@ class _FusedCrossEntropy(torch.autograd.Function):
         # Only a weight that varies over the classes needs a product with the chunk; otherwise v is per row.
         class_weight = w if w is not None and weight_mode == "torch" else None
 
-        x = input.reshape(-1, num_classes)
-        need_grad = ctx.needs_input_grad[0]
+        x = input.detach().reshape(-1, num_classes)
+        num_rows = x.shape[0]
         step = max(1, (chunk_bytes or DEFAULT_CHUNK_BYTES) // (num_classes * dtype.itemsize))
-        # fp32 (fp64) logits are computed where the gradient goes; others through one reused chunk-sized buffer,
+        # fp32 (fp64) logits are computed where the gradient goes; others through a chunk-sized buffer per thread,
         # so no full-size copy of bf16/fp16 logits is ever made.
         direct = need_grad and x.dtype == dtype
         grad = None
         if need_grad:
-            grad = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
-        scratch = None if direct else torch.empty((min(step, x.shape[0]), num_classes), dtype=dtype, device=x.device)
-        losses = torch.empty(x.shape[0], dtype=dtype, device=x.device)
-        for start in range(0, x.shape[0], step):
-            end = min(start + step, x.shape[0])
-            z = grad[start:end] if direct else scratch[: end - start]
-            if not (direct and inplace):
-                z.copy_(x[start:end])
-            chunk = {name: value[start:end] for name, value in rows.items()}
-            losses[start:end] = chunk_fn(z, **chunk, b=b, w=class_weight, scale=scale, need_grad=need_grad)
-            if need_grad and not direct:
-                grad[start:end].copy_(z)
+            grad = x if inplace else _empty_gradient(x)
+        losses = torch.empty(num_rows, dtype=dtype, device=x.device)
+        inference = torch.is_inference_mode_enabled()
+
+        def work(starts):
+            # Worker threads start with autograd on and outside inference mode: take the caller's state.
+            with torch.no_grad(), torch.inference_mode(inference):
+                scratch = None
+                for start in starts:
+                    end = min(start + step, num_rows)
+                    source = x[start:end]
+                    if direct:
+                        z = grad[start:end]
+                    else:
+                        if scratch is None:
+                            scratch = torch.empty((min(step, num_rows), num_classes), dtype=dtype, device=x.device)
+                        z = scratch[: end - start]
+                    if source.dtype != dtype:
+                        # The chunk's fp32 copy; softmax has no fp32 output for half input on CPU.
+                        source = z.copy_(source)
+                    chunk = {name: value[start:end] for name, value in rows.items()}
+                    losses[start:end] = chunk_fn(
+                        source, z, **chunk, b=b, w=class_weight, scale=scale, need_grad=need_grad
+                    )
+                    if need_grad and not direct:
+                        grad[start:end].copy_(z)
+
+        _run_chunks(range(0, num_rows, step), work, x.device)
 
         ctx.grad = grad
         ctx.reduction = reduction
@@ -142,7 +201,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         # One host read here (not in the loop) saves a full pass over the gradient in the usual case, a scalar 1.
         if ctx.reduction == "none" or not bool(grad_output == 1):
             grad = grad * scale if keep else grad.mul_(scale)
-        return (grad.view(ctx.input_shape),) + (None,) * 10
+        return (grad.view(ctx.input_shape),) + (None,) * 11
 
 
 def _keep_graph() -> bool:
@@ -187,45 +246,122 @@ def _probability_rows(t, w, a, b, weight_mode, dtype):
     return {"t": t, "alpha": a * r, "beta": b * mass * r, "total": (a + b * num_classes) * mass * r}
 
 
-def _index_chunk(z, y, valid, g, r, total, b, w, scale, need_grad):
-    """Loss of each row of the chunk ``z`` (logits, overwritten by the gradient times ``scale`` if needed)."""
-    z.sub_(z.amax(1, keepdim=True))
-    linear = g * z.gather(1, y).squeeze(1)
+def _index_chunk(x, z, y, valid, g, r, total, b, w, scale, need_grad):
+    """Losses of the rows of the chunk ``x``; ``z`` (which may be ``x`` itself) receives the gradient of their sum
+    times ``scale`` (or is scratch when no gradient is needed)."""
+    linear = g * x.gather(1, y).squeeze(1)
     if b:
-        linear += b * r * (z.sum(1) if w is None else z @ w)
-    z.exp_()
-    sum_exp = z.sum(1)
+        linear += b * r * (x.sum(1, dtype=z.dtype) if w is None else x @ w)
+    lse = _softmax_into(x, z)
     # Ignored rows cost 0 whatever their logits (inf or NaN included), as in the reference path.
-    loss = torch.where(valid, total * sum_exp.log() - linear, 0)
+    loss = torch.where(valid, total * lse - linear, 0)
     if need_grad:
         if scale is not None:
             g, r, total = g * scale, r * scale, total * scale
-        z.mul_((total / sum_exp)[:, None])
         if b and w is None:
-            z.sub_((b * r)[:, None])
-        elif b:
-            z.addcmul_(r[:, None], w, value=-b)
+            torch.addcmul((-b * r)[:, None], z, total[:, None], out=z)
+        else:
+            z.mul_(total[:, None])
+            if b:
+                z.addcmul_(r[:, None], w, value=-b)
         z.scatter_add_(1, y, -g[:, None])
     return loss
 
 
-def _probability_chunk(z, t, alpha, beta, total, b, w, scale, need_grad):
+def _probability_chunk(x, z, t, alpha, beta, total, b, w, scale, need_grad):
     """`_index_chunk` for probability targets (``t`` is the chunk's targets)."""
     t = t.to(z.dtype)
     if w is not None:
         t = t * w
-    z.sub_(z.amax(1, keepdim=True))
-    linear = alpha * (t * z).sum(1) + beta * (z.sum(1) if w is None else z @ w)
-    z.exp_()
-    sum_exp = z.sum(1)
-    loss = total * sum_exp.log() - linear
+    linear = alpha * (t * x).sum(1) + beta * (x.sum(1, dtype=z.dtype) if w is None else x @ w)
+    lse = _softmax_into(x, z)
+    loss = total * lse - linear
     if need_grad:
         if scale is not None:
             alpha, beta, total = alpha * scale, beta * scale, total * scale
-        z.mul_((total / sum_exp)[:, None])
+        z.mul_(total[:, None])
         z.addcmul_(t, alpha[:, None], value=-1)
         if w is None:
             z.sub_(beta[:, None])
         else:
             z.addcmul_(beta[:, None], w, value=-1)
     return loss
+
+
+def _softmax_into(x: Tensor, z: Tensor) -> Tensor:
+    """Writes ``softmax(x)`` into ``z`` (which may be ``x``) and returns the rows' log-sum-exp.
+
+    PyTorch's softmax kernel (max, exp and sum in cache, row by row) is as fast as ``exp`` alone. Its output may
+    alias its input: each element is read before it is written (tests/test_fused.py checks this).
+    """
+    top, where = x.max(1, keepdim=True)
+    torch.softmax(x, 1, out=z)
+    return (top - z.gather(1, where).log()).squeeze(1).to(z.dtype)
+
+
+def _run_chunks(starts: range, work, device: torch.device) -> None:
+    """Calls ``work(iterable of chunk starts)`` on as many threads as PyTorch uses (CPU), sharing the chunks out."""
+    workers = min(torch.get_num_threads(), len(starts)) if device.type == "cpu" else 1
+    if workers <= 1:
+        work(starts)
+        return
+    # A queue, not a static split: a thread slowed by another process just takes fewer chunks.
+    pending = queue.SimpleQueue()
+    for start in starts:
+        pending.put(start)
+
+    def drain():
+        try:
+            while True:
+                yield pending.get_nowait()
+        except queue.Empty:
+            return
+
+    futures = [_pool(workers).submit(work, drain()) for _ in range(workers)]
+    for future in futures:
+        future.result()
+
+
+_POOL: tuple[tuple[int, int], ThreadPoolExecutor] | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A thread pool whose threads run PyTorch single-threaded; recreated after a fork or a change of size."""
+    global _POOL
+    key = (os.getpid(), workers)
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != key:
+            _POOL = (key, ThreadPoolExecutor(workers, "hf_lsce", initializer=torch.set_num_threads, initargs=(1,)))
+        return _POOL[1]
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def _empty_gradient(x: Tensor) -> Tensor:
+    """``torch.empty_like(x)``, backed by transparent huge pages on Linux CPUs where the kernel allows it.
+
+    Touching fresh 4 KiB pages for the first time (page faults) costs more than the whole loss computation on small
+    VMs; 2 MiB pages cut that by ~500x. Only this buffer, which the loss itself allocates, is advised.
+    """
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+    nbytes = grad.numel() * grad.element_size()
+    if grad.device.type == "cpu" and nbytes >= 4 * _HUGE_PAGE and _madvise() is not None:
+        first = -(-grad.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        last = (grad.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        _madvise()(first, last - first, 14)  # MADV_HUGEPAGE; a refusal only leaves the default pages
+    return grad
+
+
+def _madvise():
+    if not hasattr(_madvise, "function"):
+        _madvise.function = None
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                _madvise.function = libc.madvise
+            except (OSError, AttributeError):
+                pass
+    return _madvise.function

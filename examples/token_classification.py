@@ -45,9 +45,12 @@ from common import (
     write_run_record,
 )
 from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification
+from transformers.utils import logging
 
 from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments
 from hf_lsce.metrics import EntityMetric, classification_metrics
+
+logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
 LABEL_COLUMN_CANDIDATES = ("ner_tags", "tags", "labels", "pos_tags")
@@ -158,7 +161,13 @@ def main(args: list[str] | None = None) -> dict:
         label_names = list(tag_feature.names)
         to_ids = None
     else:
-        label_names = sorted({str(tag) for tags in raw["train"][label_column] for tag in tags})
+        tags = {tag for row in raw["train"][label_column] for tag in row}
+        if all(isinstance(tag, int) for tag in tags):
+            logger.warning(
+                f"{label_column} holds integer tags without names: the entity metrics read each id as an entity type. "
+                "Give string tags (B-PER, I-PER, O, ...) or a dataset whose tags are a ClassLabel with names."
+            )
+        label_names = sorted(str(tag) for tag in tags)
         to_ids = {name: index for index, name in enumerate(label_names)}
     continuation = None
     if data_args.label_all_tokens:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from hf_lsce.class_weights import check_class_weights
-from hf_lsce.loss import SMOOTHING_STYLES, WEIGHT_MODES
+from hf_lsce.loss import SMOOTHING_STYLES, WEIGHT_MODES, _check_choice
 
 
 def check_smoothing_options(label_smoothing: object, smoothing_style: object, weight_mode: object) -> None:
@@ -19,12 +19,8 @@ def check_smoothing_options(label_smoothing: object, smoothing_style: object, we
         or not 0.0 <= float(label_smoothing) < 1.0
     ):
         raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
-    if smoothing_style not in SMOOTHING_STYLES:
-        raise ValueError(
-            f"smoothing_style must be one of {', '.join(map(repr, SMOOTHING_STYLES))}, got {smoothing_style!r}"
-        )
-    if weight_mode not in WEIGHT_MODES:
-        raise ValueError(f"weight_mode must be one of {', '.join(map(repr, WEIGHT_MODES))}, got {weight_mode!r}")
+    _check_choice("smoothing_style", smoothing_style, SMOOTHING_STYLES)
+    _check_choice("weight_mode", weight_mode, WEIGHT_MODES)
 
 
 def check_no_double_smoothing(label_smoothing: float, label_smoothing_factor: float) -> None:

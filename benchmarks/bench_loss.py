@@ -1,0 +1,418 @@
+"""Forward + backward time and peak extra memory of hf_lsce's loss against PyTorch and Transformers.
+
+    python benchmarks/bench_loss.py                 # the full grid, 5 rounds (tens of minutes on 2 cores)
+    python benchmarks/bench_loss.py --quick         # K <= 32768, 3 rounds: a smoke run
+    python benchmarks/report.py                     # README table and plot from benchmarks/results/
+
+Method (see issue 5):
+1. Every variant is checked against an fp64 truth (hf_lsce's reference path on fp64 logits) before it is timed.
+2. The machine's floor is measured in the same run: copy bandwidth and ``exp`` throughput on a buffer the size of
+   the largest fp32 logits; ``floor = 2 * N * K * bytes / copy_bandwidth + N * K / exp_rate``.
+3. Per case, the variants run interleaved in a rotating order, one warm-up each (discarded) then ``--rounds``
+   rounds; each time is forward + backward of a fresh graph on leaf logits. Ratios to ``F.cross_entropy`` are taken
+   within each round, then their median (and min / max) is reported.
+4. Peak extra memory: each (case, variant) runs once in a fresh subprocess, which resets the kernel's RSS
+   high-water mark after building its inputs and reports the growth, as a multiple of the logits' size (the
+   gradient of the logits counts: it is 1x for every non-in-place variant).
+
+Writes ``benchmarks/results/bench_loss.json`` (machine, floor, one row per case and variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import hf_lsce
+from hf_lsce import label_smoothed_cross_entropy
+
+RESULTS = Path(__file__).parent / "results"
+IGNORED_FRACTION = 0.1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variants: each takes (logits, target, weight, epsilon) and returns a scalar loss (mean over counted positions).
+
+
+def torch_cross_entropy(x, y, w, eps):
+    return F.cross_entropy(x, y, w, label_smoothing=eps)
+
+
+def hf_lsce_default(x, y, w, eps):
+    return label_smoothed_cross_entropy(x, y, w, label_smoothing=eps)
+
+
+def hf_lsce_inplace(x, y, w, eps):
+    return label_smoothed_cross_entropy(x, y, w, label_smoothing=eps, inplace_backward=True)
+
+
+def hf_lsce_reference(x, y, w, eps):
+    return label_smoothed_cross_entropy(x, y, w, label_smoothing=eps, implementation="reference")
+
+
+def transformers_label_smoother(x, y, w, eps):
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    return LabelSmoother(epsilon=eps)({"logits": x}, y)
+
+
+def seed_dense_one_hot(x, y, w, eps):
+    """The seed notebook's loss (SEED.md): a dense (N, K) smoothed one-hot, eps / (K - 1) off target, weights on
+    the log-probabilities, plain mean over rows. It has no ignore_index: ignored labels are given class 0."""
+    num_classes = x.shape[-1]
+    with torch.no_grad():
+        targets = torch.empty(x.shape, device=x.device).fill_(eps / (num_classes - 1))
+        targets.scatter_(1, y.clamp(min=0).unsqueeze(1), 1.0 - eps)
+    lsm = F.log_softmax(x, -1)
+    if w is not None:
+        lsm = lsm * w.unsqueeze(0)
+    return -(targets * lsm).sum(-1).mean()
+
+
+def liger_cross_entropy(x, y, w, eps):
+    from liger_kernel.transformers.functional import liger_cross_entropy as liger
+
+    return liger(x, y, w, label_smoothing=eps)
+
+
+VARIANTS = {
+    "torch": torch_cross_entropy,
+    "hf_lsce": hf_lsce_default,
+    "hf_lsce_inplace": hf_lsce_inplace,
+    "hf_lsce_reference": hf_lsce_reference,
+    "label_smoother": transformers_label_smoother,
+    "seed_dense": seed_dense_one_hot,
+    "liger": liger_cross_entropy,
+}
+
+
+def truth(x, y, w, eps, variant):
+    """fp64 value of what ``variant`` computes (the seed's convention differs: off-target, no ignore, row mean)."""
+    x = x.double()
+    w = None if w is None else w.double()
+    if variant == "seed_dense":
+        return label_smoothed_cross_entropy(
+            x, y.clamp(min=0), w, reduction="sum", label_smoothing=eps, smoothing_style="off_target"
+        ) / len(y)
+    return label_smoothed_cross_entropy(x, y, w, label_smoothing=eps, implementation="reference")
+
+
+def applicable(variant, case, device):
+    """None if ``variant`` runs on ``case``, else why not."""
+    if variant == "label_smoother" and case["weighted"]:
+        return "no class weights"
+    if variant == "liger":
+        if device.type != "cuda":
+            return "needs a GPU"
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            return "liger-kernel not installed"
+    if variant == "seed_dense":
+        # Dense one-hot, its log-softmax, the weighted copy, the product and their gradients: ~6x the logits in fp32.
+        need = 6 * case["n"] * case["k"] * 4
+        if need > 0.6 * _available_memory():
+            return f"needs ~{need / 2**30:.0f} GiB"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cases
+
+
+def cases(max_k: int):
+    sizes = [(n, k) for n, k in [(4096, 2), (4096, 1024), (4096, 32768), (4096, 131072)] if k <= max_k]
+    out = [dict(n=32, k=2, dtype="float32", eps=0.1, weighted=False)]
+    for dtype in ("float32", "bfloat16"):
+        for n, k in sizes:
+            for eps in (0.0, 0.1):
+                for weighted in (False, True):
+                    out.append(dict(n=n, k=k, dtype=dtype, eps=eps, weighted=weighted))
+    return out
+
+
+def case_name(case):
+    return (
+        f"N={case['n']} K={case['k']} {case['dtype']} eps={case['eps']} {'weighted' if case['weighted'] else 'plain'}"
+    )
+
+
+def make_inputs(case, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    n, k = case["n"], case["k"]
+    dtype = getattr(torch, case["dtype"])
+    x = (2 * torch.randn(n, k, generator=generator)).to(dtype)
+    y = torch.randint(0, k, (n,), generator=generator)
+    y[torch.rand(n, generator=generator) < IGNORED_FRACTION] = -100
+    # In the logits' dtype: F.cross_entropy requires it (hf_lsce computes in fp32 either way).
+    w = (torch.rand(k, generator=generator) + 0.5).to(dtype) if case["weighted"] else None
+    return x.to(device), y.to(device), None if w is None else w.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def run_once(fn, x, y, w, eps, inplace_source=None):
+    """Seconds for forward + backward on leaf logits ``x`` (refilled from ``inplace_source`` first, untimed)."""
+    if inplace_source is not None:
+        with torch.no_grad():
+            x.copy_(inplace_source)
+    x.grad = None
+    _sync(x.device)
+    start = time.perf_counter()
+    fn(x, y, w, eps).backward()
+    _sync(x.device)
+    elapsed = time.perf_counter() - start
+    x.grad = None
+    return elapsed
+
+
+def check(variant, case, device):
+    """Max relative error of the loss and of the gradient against the fp64 truth, on the case's first 256 rows."""
+    x, y, w = make_inputs(case, device)
+    x, y = x[:256].clone(), y[:256]
+    leaf = x.clone().requires_grad_(True)
+    loss = VARIANTS[variant](leaf, y, w, case["eps"])
+    loss.backward()
+    ref_leaf = x.clone().requires_grad_(True)
+    ref = truth(ref_leaf, y, w, case["eps"], variant)
+    ref.backward()
+    loss_err = abs(loss.double().item() - ref.item()) / max(abs(ref.item()), 1e-12)
+    grad_err = ((leaf.grad.double() - ref_leaf.grad).abs().max() / ref_leaf.grad.abs().max().clamp_min(1e-30)).item()
+    return loss_err, grad_err
+
+
+def time_case(case, variants, rounds, device):
+    x0, y, w = make_inputs(case, device)
+    eps = case["eps"]
+    leaf = x0.clone().requires_grad_(True)
+    work = x0.clone().requires_grad_(True)  # overwritten by the in-place variant, refilled before each run
+    times = {v: [] for v in variants}
+    order = list(variants)
+    for round_ in range(rounds + 1):  # round 0 is the warm-up
+        for v in order[round_ % len(order) :] + order[: round_ % len(order)]:
+            inplace = v == "hf_lsce_inplace"
+            elapsed = run_once(VARIANTS[v], work if inplace else leaf, y, w, eps, x0 if inplace else None)
+            if round_:
+                times[v].append(elapsed)
+    return times
+
+
+def measure_floor(device, numel):
+    """Copy bandwidth (bytes copied per second) and exp rate (fp32 elements per second), medians of 5."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    copy, exp = [], []
+    for _ in range(6):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        copy.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        torch.exp(src, out=dst)
+        _sync(device)
+        exp.append(time.perf_counter() - start)
+    return {
+        "copy_bytes_per_s": numel * 4 / statistics.median(copy[1:]),
+        "exp_per_s": numel / statistics.median(exp[1:]),
+        "numel": numel,
+    }
+
+
+def floor_seconds(floor, case):
+    numel = case["n"] * case["k"]
+    nbytes = numel * torch.empty((), dtype=getattr(torch, case["dtype"])).element_size()
+    return 2 * nbytes / floor["copy_bytes_per_s"] + numel / floor["exp_per_s"]
+
+
+def memory_probe(spec: str) -> None:
+    """In a fresh process: peak RSS growth of one forward + backward, after the inputs exist (printed as JSON)."""
+    case, variant, device = json.loads(spec)
+    device = torch.device(device)
+    x, y, w = make_inputs(case, device)
+    x.requires_grad_(True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        VARIANTS[variant](x, y, w, case["eps"]).backward()
+        extra = torch.cuda.max_memory_allocated() - base
+    else:
+        base = _rss_reset_peak()
+        VARIANTS[variant](x, y, w, case["eps"]).backward()
+        extra = _rss_peak() - base
+    print(json.dumps({"extra_bytes": extra, "logits_bytes": x.numel() * x.element_size()}))
+
+
+def measure_memory(case, variant, device):
+    spec = json.dumps([case, variant, str(device)])
+    done = subprocess.run(
+        [sys.executable, __file__, "--memory-probe", spec], capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        return {"memory_error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"extra_memory_x_logits": result["extra_bytes"] / result["logits_bytes"]}
+
+
+def _rss_reset_peak() -> int:
+    """Current RSS in bytes, after resetting the high-water mark (Linux: /proc/self/clear_refs, 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status("VmRSS")
+
+
+def _rss_peak() -> int:
+    return _proc_status("VmHWM")
+
+
+def _proc_status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def machine(device):
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "hf_lsce": hf_lsce.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "device": str(device),
+        "load_average_start": os.getloadavg(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    else:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu"] = names[0] if names else platform.processor()
+    try:
+        info["git_revision"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="K <= 32768 and 3 rounds")
+    parser.add_argument("--max-k", type=int, default=131072, help="largest class count to run")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--output", type=Path, default=RESULTS / "bench_loss.json")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        return memory_probe(args.memory_probe)
+    rounds = 3 if args.quick else args.rounds
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.time()
+
+    all_cases = cases(min(args.max_k, 32768) if args.quick else args.max_k)
+    biggest = max(c["n"] * c["k"] for c in all_cases if c["dtype"] == "float32")
+    floor = measure_floor(device, biggest)
+    print(
+        f"floor: copy {floor['copy_bytes_per_s'] / 1e9:.1f} GB/s, exp {floor['exp_per_s'] / 1e9:.2f} G/s "
+        f"({torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f})",
+        flush=True,
+    )
+
+    rows = []
+    for case in all_cases:
+        skipped = {v: applicable(v, case, device) for v in args.variants}
+        variants = [v for v in args.variants if skipped[v] is None]
+        errors = {v: check(v, case, device) for v in variants}
+        for v, (loss_err, grad_err) in errors.items():
+            tolerance = 2e-2 if case["dtype"] == "bfloat16" else 1e-4
+            if loss_err > tolerance or grad_err > tolerance:
+                raise SystemExit(f"{v} on {case_name(case)}: error {loss_err:.2e} / {grad_err:.2e} vs fp64 truth")
+        times = time_case(case, variants, rounds, device)
+        floor_s = floor_seconds(floor, case)
+        baseline = times.get("torch")
+        line = [case_name(case)]
+        for v in args.variants:
+            row = dict(case, variant=v, rounds=rounds)
+            if skipped[v] is not None:
+                rows.append(dict(row, skipped=skipped[v]))
+                continue
+            t = times[v]
+            row.update(
+                seconds_median=statistics.median(t),
+                seconds_min=min(t),
+                seconds_max=max(t),
+                floor_seconds=floor_s,
+                x_floor=statistics.median(t) / floor_s,
+                loss_rel_error=errors[v][0],
+                grad_rel_error=errors[v][1],
+            )
+            if baseline:
+                ratios = [a / b for a, b in zip(t, baseline)]
+                row.update(ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+            # Smaller logits (16 MiB at K = 1024) drown in the process's own noise (lazy initialisation, arenas).
+            if not args.no_memory and case["k"] >= 32768:
+                row.update(measure_memory(case, v, device))
+            rows.append(row)
+            mem = f" mem {row['extra_memory_x_logits']:.2f}x" if "extra_memory_x_logits" in row else ""
+            line.append(f"{v} {row['seconds_median'] * 1e3:.1f} ms ({row.get('ratio_median', 1):.2f}x){mem}")
+        print(" | ".join(line), flush=True)
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    info = machine(device)
+    info["load_average_end"] = os.getloadavg()
+    record = {
+        "benchmark": "bench_loss",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": info,
+        "floor": floor,
+        "ignored_fraction": IGNORED_FRACTION,
+        "wall_seconds": time.time() - started,
+        "rows": rows,
+    }
+    args.output.write_text(json.dumps(record, indent=1))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Markdown tables and a plot from the benchmark records in benchmarks/results/ (nothing here is typed by hand).
+
+    python benchmarks/report.py                       # writes results/README_table.md and results/bench_loss.png
+    python benchmarks/report.py --readme README.md    # ... and pastes the table into the README
+
+Reads ``bench_loss.json`` (required) and ``bench_trainer.json`` (when present), as written by the two benchmarks. With
+``--readme``, the text between ``<!-- results:performance -->`` and ``<!-- /results:performance -->`` is replaced by
+the generated table; both markers must be there, once each, in that order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+README_MARKER = "performance"
+
+# bench_loss variants shown, in column order, with their names in the table; a column none of whose rows ran is left
+# out (Liger runs only on GPUs). hf_lsce's fp64 reference path is in the JSON but not the table.
+LOSS_COLUMNS = {
+    "hf_lsce": "hf_lsce",
+    "hf_lsce_inplace": "hf_lsce in-place",
+    "label_smoother": "LabelSmoother",
+    "seed_dense": "seed dense one-hot",
+    "liger": "Liger",
+}
+# Names in the memory column's header, where all variants share one cell.
+SHORT_NAMES = {"hf_lsce_inplace": "in-place", "label_smoother": "LabelSmoother", "seed_dense": "seed"}
+MEMORY_MIN_K = 32768  # bench_loss measures memory from this class count up
+TRAINER_VARIANTS = {
+    "plain": "`Trainer` (model's own loss)",
+    "smoothing": "`SmoothingTrainer`, ε = 0.1, class weights",
+    "smoothing_eps0": "`SmoothingTrainer`, ε = 0, no weights",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def case_key(row: dict) -> tuple:
+    return row["n"], row["k"], row["dtype"], row["eps"], row["weighted"]
+
+
+def group_cases(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """``{case key: {variant: row}}``, ordered by K, N, ε, weights."""
+    cases: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        cases.setdefault(case_key(row), {})[row["variant"]] = row
+    return dict(sorted(cases.items(), key=lambda item: (item[0][1], item[0][0], item[0][3], item[0][4])))
+
+
+def ratio_cell(row: dict | None) -> str:
+    if row is None or "skipped" in row:
+        return "–"
+    if "ratio_median" not in row:
+        return f"{row['seconds_median'] * 1e3:.1f} ms"
+    return f"{row['ratio_median']:.2f} [{row['ratio_min']:.2f}–{row['ratio_max']:.2f}]"
+
+
+def memory_cell(variants: dict[str, dict], names: list[str]) -> str:
+    values = []
+    for name in names:
+        row = variants.get(name)
+        if row is None or "skipped" in row:
+            values.append("–")
+        elif "extra_memory_x_logits" in row:
+            values.append(f"{row['extra_memory_x_logits']:.2f}")
+        else:
+            values.append("?" if "memory_error" in row else "–")
+    return " / ".join(values)
+
+
+def loss_tables(record: dict) -> str:
+    rows = record["rows"]
+    present = {row["variant"] for row in rows if "skipped" not in row}
+    columns = [name for name in LOSS_COLUMNS if name in present]
+    memory_names = ["torch", *columns]
+    has_memory = any("extra_memory_x_logits" in row for row in rows)
+    cases = group_cases(rows)
+    out = []
+    for dtype in dict.fromkeys(key[2] for key in cases):
+        header = ["N", "K", "ε", "weights", "torch ms", *(LOSS_COLUMNS[name] for name in columns), "hf_lsce × floor"]
+        if has_memory:
+            header.append(f"extra memory × logits: {' / '.join(SHORT_NAMES.get(n, n) for n in memory_names)}")
+        out += [f"**{dtype}**: time as a multiple of `F.cross_entropy`'s, median [min–max] over rounds", ""]
+        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        skipped: dict[str, set[str]] = {}
+        for key, variants in cases.items():
+            if key[2] != dtype:
+                continue
+            n, k, _, eps, weighted = key
+            torch_row = variants.get("torch")
+            torch_ms = (
+                "–" if torch_row is None or "skipped" in torch_row else f"{torch_row['seconds_median'] * 1e3:.1f}"
+            )
+            hf_lsce = variants.get("hf_lsce")
+            x_floor = "–" if hf_lsce is None or "x_floor" not in hf_lsce else f"{hf_lsce['x_floor']:.1f}"
+            cells = [f"{n}", f"{k}", f"{eps:g}", "yes" if weighted else "no", torch_ms]
+            cells += [ratio_cell(variants.get(name)) for name in columns]
+            cells.append(x_floor)
+            if has_memory:
+                cells.append(memory_cell(variants, memory_names) if k >= MEMORY_MIN_K else "")
+            out.append("| " + " | ".join(cells) + " |")
+            for name in columns:
+                if name in variants and "skipped" in variants[name]:
+                    skipped.setdefault(LOSS_COLUMNS[name], set()).add(variants[name]["skipped"])
+        if skipped:
+            reasons = "; ".join(f"{name}: {', '.join(sorted(why))}" for name, why in skipped.items())
+            out += ["", f"– not run ({reasons})."]
+        out.append("")
+    rounds = "/".join(str(r) for r in sorted({row["rounds"] for row in rows}))
+    copy_rate, exp_rate = record["floor"]["copy_bytes_per_s"] / 1e9, record["floor"]["exp_per_s"] / 1e9
+    out.append(
+        f"Forward + backward on leaf logits, {record['ignored_fraction']:.0%} of the labels ignored; {rounds} "
+        "interleaved rounds after a warm-up. The floor is two copies of the logits at the measured copy bandwidth "
+        f"({copy_rate:.1f} GB/s) plus one `exp` per logit ({exp_rate:.2f} G/s)."
+        + (
+            f" Extra memory: peak growth of one forward + backward (K ≥ {MEMORY_MIN_K}), as a multiple of the "
+            "logits' size; the logits' gradient alone is 1×."
+            if has_memory
+            else ""
+        )
+    )
+    return "\n".join(out)
+
+
+def trainer_table(record: dict) -> str:
+    rows = record["rows"]
+    out = [
+        "**Training steps**: optimizer steps per second, and time per step as a multiple of the plain `Trainer`'s, "
+        "median [min–max] over rounds",
+        "",
+        "| model | trainer | steps/s | ms/step | × `Trainer` |",
+        "|---|---|---|---|---|",
+    ]
+    descriptions = {}
+    for row in rows:
+        descriptions.setdefault(row["model"], row["description"])
+        ratio = f"{row['ratio_median']:.3f} [{row['ratio_min']:.3f}–{row['ratio_max']:.3f}]"
+        name = TRAINER_VARIANTS.get(row["variant"], row["variant"])
+        cells = [row["model"], name, f"{row['steps_per_second']:.2f}", f"{row['seconds_median'] * 1e3:.0f}", ratio]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    first = rows[0]
+    out.append(
+        f"{first['rounds']} interleaved rounds of {first['warmup']} warm-up + {first['steps']} timed steps per "
+        "trainer, same initial weights and batches; a step runs from the previous step's end to its own end. "
+        + " ".join(f"{model}: {text}." for model, text in descriptions.items())
+    )
+    out += [f"Note: {note}." for note in record.get("notes", [])]
+    return "\n".join(out)
+
+
+def machine_line(record: dict) -> str:
+    info = record["machine"]
+    where = info.get("gpu") or info.get("cpu", "?")
+    load = info.get("load_average_start"), info.get("load_average_end")
+    load_text = " / ".join("?" if value is None else f"{value[0]:.2f}" for value in load)
+    versions = f"torch {info.get('torch', '?')}" + (
+        f", Transformers {info['transformers']}" if "transformers" in info else ""
+    )
+    threads = f"{info['threads']} threads ({info['cpus']} CPUs)"
+    return (
+        f"`{record['benchmark']}`: {where}, {threads}, {versions}, hf_lsce {info['hf_lsce']} at "
+        f"{info.get('git_revision', '?')}; load average (1 min) {load_text} at start / end; "
+        f"{record['wall_seconds'] / 60:.1f} min; `{record['command']}`"
+    )
+
+
+def markdown(loss_record: dict, trainer_record: dict | None) -> str:
+    parts = [loss_tables(loss_record)]
+    if trainer_record is not None:
+        parts.append(trainer_table(trainer_record))
+    records = [loss_record] + ([trainer_record] if trainer_record is not None else [])
+    parts.append("\n\n".join(f"Measured by {machine_line(record)}." for record in records))
+    return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plot
+
+
+def plot_loss(record: dict, path: Path) -> None:
+    """Time ratio to torch against K (log x, log y), one line per variant, a column of panels per dtype and a row
+    per (ε, weights) setting, min–max error bars. Only the most common N is drawn (the N = 32 smoke case is not)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in record["rows"] if "ratio_median" in row and row["variant"] in LOSS_COLUMNS]
+    if not rows:
+        raise SystemExit("bench_loss.json has no ratios to plot")
+    n = statistics.mode(row["n"] for row in rows)
+    rows = [row for row in rows if row["n"] == n]
+    dtypes = list(dict.fromkeys(row["dtype"] for row in rows))
+    settings = list(dict.fromkeys((row["eps"], row["weighted"]) for row in rows))
+    fig, axes = plt.subplots(
+        len(settings),
+        len(dtypes),
+        figsize=(5 * len(dtypes), 3 * len(settings)),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+    )
+    for i, (eps, weighted) in enumerate(settings):
+        for j, dtype in enumerate(dtypes):
+            ax = axes[i][j]
+            for index, (variant, label) in enumerate(LOSS_COLUMNS.items()):
+                points = sorted(
+                    (row["k"], row["ratio_median"], row["ratio_min"], row["ratio_max"])
+                    for row in rows
+                    if row["variant"] == variant
+                    and row["dtype"] == dtype
+                    and (row["eps"], row["weighted"]) == (eps, weighted)
+                )
+                if not points:
+                    continue
+                k, median, low, high = zip(*points)
+                errors = [[m - lo for m, lo in zip(median, low)], [hi - m for m, hi in zip(median, high)]]
+                ax.errorbar(k, median, yerr=errors, marker="o", capsize=3, label=label, color=f"C{index}")
+            ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{dtype}, ε = {eps:g}, {'weighted' if weighted else 'no weights'}", fontsize=9)
+            if i == len(settings) - 1:
+                ax.set_xlabel(f"classes K (N = {n})")
+            if j == 0:
+                ax.set_ylabel("time / F.cross_entropy")
+            ax.grid(True, which="both", alpha=0.3)
+    handles, labels = {}, {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+            labels.setdefault(label, label)
+    fig.legend(list(handles.values()), list(labels.values()), loc="upper center", ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# README
+
+
+def replace_between_markers(text: str, name: str, content: str) -> str:
+    """``text`` with what lies between ``<!-- results:name -->`` and ``<!-- /results:name -->`` replaced by
+    ``content``; plain string search (no regular expressions). Raises ValueError unless each marker occurs exactly
+    once, the opening one first."""
+    start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+    counts = text.count(start), text.count(end)
+    if counts != (1, 1) or text.index(start) > text.index(end):
+        raise ValueError(
+            f"needs {start} once, followed by {end} once; found them {counts[0]} and {counts[1]} times"
+            + (", in the wrong order" if counts == (1, 1) else "")
+        )
+    before, rest = text.split(start)
+    _, after = rest.split(end)
+    return f"{before}{start}\n{content.strip()}\n{end}{after}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--loss", type=Path, default=RESULTS / "bench_loss.json", help="bench_loss.py's record")
+    parser.add_argument(
+        "--trainer", type=Path, default=RESULTS / "bench_trainer.json", help="bench_trainer.py's record, if present"
+    )
+    parser.add_argument("--output-dir", type=Path, default=RESULTS, help="where README_table.md and the plot go")
+    parser.add_argument("--readme", type=Path, help=f"paste the table between its results:{README_MARKER} markers")
+    args = parser.parse_args()
+    if not args.loss.is_file():
+        raise SystemExit(f"{args.loss} does not exist: run benchmarks/bench_loss.py first")
+    loss_record = json.loads(args.loss.read_text())
+    trainer_record = json.loads(args.trainer.read_text()) if args.trainer.is_file() else None
+    if trainer_record is None:
+        print(f"{args.trainer} not found: no trainer table", file=sys.stderr)
+    table = markdown(loss_record, trainer_record)
+
+    # The README check comes first, so that a missing marker fails before anything is written.
+    if args.readme is not None:
+        try:
+            readme_text = replace_between_markers(args.readme.read_text(), README_MARKER, table)
+        except ValueError as error:
+            raise SystemExit(f"{args.readme}: {error}") from None
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "README_table.md").write_text(table)
+    plot_loss(loss_record, args.output_dir / "bench_loss.png")
+    print(f"wrote {args.output_dir / 'README_table.md'} and {args.output_dir / 'bench_loss.png'}")
+    if args.readme is not None:
+        args.readme.write_text(readme_text)
+        print(f"pasted the table into {args.readme}")
+
+
+if __name__ == "__main__":
+    main()

@@ -56,5 +56,11 @@ study: demo-data
 	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_sms.yaml
 	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_full.yaml
 
+# Loss and trainer benchmarks, then the README's performance table and plot (tens of minutes on 2 cores).
+bench: demo-data
+	$(PY) benchmarks/bench_loss.py
+	$(OFFLINE) $(PY) benchmarks/bench_trainer.py
+	$(PY) benchmarks/report.py --readme README.md
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

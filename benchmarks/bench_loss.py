@@ -349,6 +349,7 @@ def main():
     rounds = 3 if args.quick else args.rounds
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
+    info = machine(device)
 
     all_cases = cases(min(args.max_k, 32768) if args.quick else args.max_k)
     biggest = max(c["n"] * c["k"] for c in all_cases if c["dtype"] == "float32")
@@ -399,7 +400,6 @@ def main():
         print(" | ".join(line), flush=True)
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    info = machine(device)
     info["load_average_end"] = os.getloadavg()
     record = {
         "benchmark": "bench_loss",

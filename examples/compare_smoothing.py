@@ -381,7 +381,7 @@ def markdown_table(rows: list[dict], records: list[dict], title: str | None, n_b
         mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
         return f"{mean:.3f}" if row["seeds"] == 1 else f"{mean:.3f} ± {std:.3f}"
 
-    header = ["setting", "seeds", *[METRIC_NAMES[m] for m in METRICS], "T", "train min/run"]
+    header = ["setting", "seeds", *[METRIC_NAMES[m] for m in METRICS], "T", "min/run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in rows:
         temperature = f"{row['temperature_mean']:.2f}" if row["temperature_mean"] is not None else ""
@@ -393,10 +393,11 @@ def markdown_table(rows: list[dict], records: list[dict], title: str | None, n_b
     devices = sorted({str(r.get("device")) for r in records if r.get("device")})
     notes = [
         f"Test split; mean ± sample std over seeds {seeds}. ECE with {n_bins} equal-width bins; Brier is the "
-        "multi-class score (sum over classes, range [0, 2]). T: the fitted temperature (mean over seeds).",
+        "multi-class score (sum over classes, range [0, 2]). T: the fitted temperature (mean over seeds). "
+        "min/run: wall time of one glue.py run (loading, training, evaluation), mean over seeds.",
         f"Runs: {_describe_data(records)}.",
         f"{sum(r['train_wall_time_s'] is not None for r in records)} training runs, "
-        f"{total / 60:.1f} min of training in total (sum of the records' wall times) on {', '.join(devices) or '?'}.",
+        f"{total / 60:.1f} min in total (sum of the runs' wall times) on {', '.join(devices) or '?'}.",
     ]
     heading = f"### {title}\n\n" if title else ""
     return heading + "\n".join(lines) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"

@@ -291,11 +291,15 @@ def _probability_chunk(x, z, t, alpha, beta, total, b, w, scale, need_grad):
 def _softmax_into(x: Tensor, z: Tensor) -> Tensor:
     """Writes ``softmax(x)`` into ``z`` (which may be ``x``) and returns the rows' log-sum-exp.
 
-    PyTorch's softmax kernel (max, exp and sum in cache, row by row) is as fast as ``exp`` alone. Its output may
-    alias its input: each element is read before it is written (tests/test_fused.py checks this).
+    PyTorch's softmax kernel (max, exp and sum in cache, row by row) is as fast as ``exp`` alone. On CPU its output
+    may alias its input: each element is read before it is written (tests/test_fused.py checks this). Elsewhere,
+    where that is unchecked, an aliased call goes through a chunk-sized temporary.
     """
     top, where = x.max(1, keepdim=True)
-    torch.softmax(x, 1, out=z)
+    if x.device.type == "cpu" or not z.is_set_to(x):
+        torch.softmax(x, 1, out=z)
+    else:
+        z.copy_(torch.softmax(x, 1))
     return (top - z.gather(1, where).log()).squeeze(1).to(z.dtype)
 
 

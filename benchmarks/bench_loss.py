@@ -21,6 +21,7 @@ Writes ``benchmarks/results/bench_loss.json`` (machine, floor, one row per case 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -42,22 +43,31 @@ IGNORED_FRACTION = 0.1
 
 # ---------------------------------------------------------------------------------------------------------------
 # Variants: each takes (logits, target, weight, epsilon) and returns a scalar loss (mean over counted positions).
+# PyTorch and hf_lsce also take the case's `smoothing_style` and `weight_mode` (see `variant_fn`).
 
 
-def torch_cross_entropy(x, y, w, eps):
+def torch_cross_entropy(x, y, w, eps, smoothing_style="uniform", weight_mode="torch"):
+    """F.cross_entropy with the same options: off_target(eps) is uniform(eps K / (K - 1)); weight_mode="example"
+    weighs each position's unweighted smoothed loss by its true class's weight and divides by their sum."""
+    if smoothing_style == "off_target":
+        eps = eps * x.shape[-1] / (x.shape[-1] - 1)
+    if weight_mode == "example" and w is not None:
+        per_position = F.cross_entropy(x, y, reduction="none", label_smoothing=eps)
+        weights = torch.where(y != -100, w[y.clamp(min=0)], 0)
+        return (per_position * weights).sum() / weights.sum()
     return F.cross_entropy(x, y, w, label_smoothing=eps)
 
 
-def hf_lsce_default(x, y, w, eps):
-    return label_smoothed_cross_entropy(x, y, w, label_smoothing=eps)
+def hf_lsce_default(x, y, w, eps, **options):
+    return label_smoothed_cross_entropy(x, y, w, label_smoothing=eps, **options)
 
 
-def hf_lsce_inplace(x, y, w, eps):
-    return label_smoothed_cross_entropy(x, y, w, label_smoothing=eps, inplace_backward=True)
+def hf_lsce_inplace(x, y, w, eps, **options):
+    return label_smoothed_cross_entropy(x, y, w, label_smoothing=eps, inplace_backward=True, **options)
 
 
-def hf_lsce_reference(x, y, w, eps):
-    return label_smoothed_cross_entropy(x, y, w, label_smoothing=eps, implementation="reference")
+def hf_lsce_reference(x, y, w, eps, **options):
+    return label_smoothed_cross_entropy(x, y, w, label_smoothing=eps, implementation="reference", **options)
 
 
 def transformers_label_smoother(x, y, w, eps):
@@ -96,7 +106,20 @@ VARIANTS = {
 }
 
 
-def truth(x, y, w, eps, variant):
+OPTION_VARIANTS = ("torch", "hf_lsce", "hf_lsce_inplace", "hf_lsce_reference")
+
+
+def variant_fn(variant, case):
+    """The variant's loss function for ``case``, with its smoothing style and weight mode when it has them."""
+    options = case_options(case)
+    return functools.partial(VARIANTS[variant], **options) if options else VARIANTS[variant]
+
+
+def case_options(case):
+    return {name: case[name] for name in ("smoothing_style", "weight_mode") if name in case}
+
+
+def truth(x, y, w, eps, variant, case):
     """fp64 value of what ``variant`` computes (the seed's convention differs: off-target, no ignore, row mean)."""
     x = x.double()
     w = None if w is None else w.double()
@@ -104,11 +127,13 @@ def truth(x, y, w, eps, variant):
         return label_smoothed_cross_entropy(
             x, y.clamp(min=0), w, reduction="sum", label_smoothing=eps, smoothing_style="off_target"
         ) / len(y)
-    return label_smoothed_cross_entropy(x, y, w, label_smoothing=eps, implementation="reference")
+    return label_smoothed_cross_entropy(x, y, w, label_smoothing=eps, implementation="reference", **case_options(case))
 
 
 def applicable(variant, case, device):
     """None if ``variant`` runs on ``case``, else why not."""
+    if case_options(case) and variant not in OPTION_VARIANTS:
+        return "no such option"
     if variant == "label_smoother" and case["weighted"]:
         return "no class weights"
     if variant == "liger":
@@ -138,13 +163,17 @@ def cases(max_k: int):
             for eps in (0.0, 0.1):
                 for weighted in (False, True):
                     out.append(dict(n=n, k=k, dtype=dtype, eps=eps, weighted=weighted))
+    # The other options of the loss, on the first vocabulary-sized case (their cost is that of the default's).
+    if 32768 <= max_k:
+        base = dict(n=4096, k=32768, dtype="float32", eps=0.1, weighted=True)
+        out += [dict(base, smoothing_style="off_target"), dict(base, weight_mode="example")]
     return out
 
 
 def case_name(case):
-    return (
-        f"N={case['n']} K={case['k']} {case['dtype']} eps={case['eps']} {'weighted' if case['weighted'] else 'plain'}"
-    )
+    options = "".join(f" {value}" for value in case_options(case).values())
+    weights = "weighted" if case["weighted"] else "plain"
+    return f"N={case['n']} K={case['k']} {case['dtype']} eps={case['eps']} {weights}{options}"
 
 
 def make_inputs(case, device, seed=0):
@@ -183,10 +212,10 @@ def check(variant, case, device):
     x, y, w = make_inputs(case, device)
     x, y = x[:256].clone(), y[:256]
     leaf = x.clone().requires_grad_(True)
-    loss = VARIANTS[variant](leaf, y, w, case["eps"])
+    loss = variant_fn(variant, case)(leaf, y, w, case["eps"])
     loss.backward()
     ref_leaf = x.clone().requires_grad_(True)
-    ref = truth(ref_leaf, y, w, case["eps"], variant)
+    ref = truth(ref_leaf, y, w, case["eps"], variant, case)
     ref.backward()
     loss_err = abs(loss.double().item() - ref.item()) / max(abs(ref.item()), 1e-12)
     grad_err = ((leaf.grad.double() - ref_leaf.grad).abs().max() / ref_leaf.grad.abs().max().clamp_min(1e-30)).item()
@@ -203,7 +232,7 @@ def time_case(case, variants, rounds, device):
     for round_ in range(rounds + 1):  # round 0 is the warm-up
         for v in order[round_ % len(order) :] + order[: round_ % len(order)]:
             inplace = v == "hf_lsce_inplace"
-            elapsed = run_once(VARIANTS[v], work if inplace else leaf, y, w, eps, x0 if inplace else None)
+            elapsed = run_once(variant_fn(v, case), work if inplace else leaf, y, w, eps, x0 if inplace else None)
             if round_:
                 times[v].append(elapsed)
     return times
@@ -247,11 +276,11 @@ def memory_probe(spec: str) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        VARIANTS[variant](x, y, w, case["eps"]).backward()
+        variant_fn(variant, case)(x, y, w, case["eps"]).backward()
         extra = torch.cuda.max_memory_allocated() - base
     else:
         base = _rss_reset_peak()
-        VARIANTS[variant](x, y, w, case["eps"]).backward()
+        variant_fn(variant, case)(x, y, w, case["eps"]).backward()
         extra = _rss_peak() - base
     print(json.dumps({"extra_bytes": extra, "logits_bytes": x.numel() * x.element_size()}))
 
@@ -366,9 +395,13 @@ def main():
         variants = [v for v in args.variants if skipped[v] is None]
         errors = {v: check(v, case, device) for v in variants}
         for v, (loss_err, grad_err) in errors.items():
-            tolerance = 2e-2 if case["dtype"] == "bfloat16" else 1e-4
+            # hf_lsce computes in fp32 whatever the logits' dtype, and rounds only the bf16 gradient once.
+            tolerance = 1e-2 if case["dtype"] == "bfloat16" else 1e-4
             if loss_err > tolerance or grad_err > tolerance:
-                raise SystemExit(f"{v} on {case_name(case)}: error {loss_err:.2e} / {grad_err:.2e} vs fp64 truth")
+                message = f"{v} on {case_name(case)}: error {loss_err:.2e} / {grad_err:.2e} vs fp64 truth"
+                if v.startswith("hf_lsce"):
+                    raise SystemExit(message)
+                print(f"note: {message} (a baseline's own rounding; recorded in its row)", flush=True)
         times = time_case(case, variants, rounds, device)
         floor_s = floor_seconds(floor, case)
         baseline = times.get("torch")

@@ -43,7 +43,8 @@ TRAINER_VARIANTS = {
 
 
 def case_key(row: dict) -> tuple:
-    return row["n"], row["k"], row["dtype"], row["eps"], row["weighted"]
+    options = " ".join(row[name] for name in ("smoothing_style", "weight_mode") if name in row)
+    return row["n"], row["k"], row["dtype"], row["eps"], row["weighted"], options
 
 
 def group_cases(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
@@ -51,7 +52,7 @@ def group_cases(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     cases: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         cases.setdefault(case_key(row), {})[row["variant"]] = row
-    return dict(sorted(cases.items(), key=lambda item: (item[0][1], item[0][0], item[0][3], item[0][4])))
+    return dict(sorted(cases.items(), key=lambda item: (item[0][1], item[0][0], item[0][5], item[0][3], item[0][4])))
 
 
 def ratio_cell(row: dict | None) -> str:
@@ -93,14 +94,15 @@ def loss_tables(record: dict) -> str:
         for key, variants in cases.items():
             if key[2] != dtype:
                 continue
-            n, k, _, eps, weighted = key
+            n, k, _, eps, weighted, options = key
             torch_row = variants.get("torch")
             torch_ms = (
                 "–" if torch_row is None or "skipped" in torch_row else f"{torch_row['seconds_median'] * 1e3:.1f}"
             )
             hf_lsce = variants.get("hf_lsce")
             x_floor = "–" if hf_lsce is None or "x_floor" not in hf_lsce else f"{hf_lsce['x_floor']:.1f}"
-            cells = [f"{n}", f"{k}", f"{eps:g}", "yes" if weighted else "no", torch_ms]
+            weights = ("yes" if weighted else "no") + (f", {options}" if options else "")
+            cells = [f"{n}", f"{k}", f"{eps:g}", weights, torch_ms]
             cells += [ratio_cell(variants.get(name)) for name in columns]
             cells.append(x_floor)
             if has_memory:
@@ -193,7 +195,11 @@ def plot_loss(record: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [row for row in record["rows"] if "ratio_median" in row and row["variant"] in LOSS_COLUMNS]
+    rows = [
+        row
+        for row in record["rows"]
+        if "ratio_median" in row and row["variant"] in LOSS_COLUMNS and not case_key(row)[5]  # default options only
+    ]
     if not rows:
         raise SystemExit("bench_loss.json has no ratios to plot")
     n = statistics.mode(row["n"] for row in rows)

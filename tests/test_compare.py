@@ -284,3 +284,24 @@ def test_tiny_grid_end_to_end_then_rerun_skips(tmp_path, tiny_model, tiny_data):
     assert [line for line in rebuilt.splitlines() if line.startswith("|")] == [
         line for line in table.splitlines() if line.startswith("|")
     ]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "experiments").glob("compare_*.yaml")), ids=lambda p: p.name)
+def test_shipped_grids_give_runs_that_glue_accepts(path, tmp_path):
+    """Every run of a shipped grid parses in glue.py, with the grid's own options winning over its base config."""
+    import common
+    import glue
+
+    args = compare_smoothing.parse_args(["--config", str(path)])
+    settings = compare_smoothing.expand_grid(args)
+    assert settings and all(not setting.temperature_scaling or setting.label_smoothing == 0 for setting in settings)
+    for setting in settings:
+        command = compare_smoothing.glue_command(args, setting, 42, tmp_path / setting.slug)
+        flags = command[command.index(str(compare_smoothing.GLUE_SCRIPT)) + 1 :]
+        types = (glue.ModelArguments, glue.DataArguments, glue.SmoothingTrainingArguments)
+        _, data_args, training_args, _ = common.parse_args(types, [*flags, "--use_cpu", "true"])
+        assert training_args.label_smoothing == setting.label_smoothing
+        assert training_args.output_dir == str(tmp_path / setting.slug)
+        overrides = dict(override.split("=", 1) for override in args.glue_overrides)
+        if "weight_mode" in overrides:
+            assert training_args.weight_mode == overrides["weight_mode"]

@@ -286,7 +286,9 @@ def test_tiny_grid_end_to_end_then_rerun_skips(tmp_path, tiny_model, tiny_data):
     ]
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs" / "experiments").glob("compare_*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "configs" / "experiments").glob("compare_*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_grids_give_runs_that_glue_accepts(path, tmp_path):
     """Every run of a shipped grid parses in glue.py, with the grid's own options winning over its base config."""
     import common

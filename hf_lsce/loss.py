@@ -239,10 +239,12 @@ def label_smoothed_cross_entropy(
         validate (`bool`, *optional*, defaults to `True`): check label range, weight and normalizer values. These
             checks read tensor values, which synchronizes with the GPU; pass False in a hot loop once inputs are
             trusted.
-        implementation (`str`, *optional*, defaults to `"auto"`): ``"reference"`` (the plain PyTorch expression
-            above), ``"fused"`` (`hf_lsce.fused`: rows processed in small chunks that compute the loss and the
-            gradient in one pass; extra memory is the gradient alone, no fp32 copy of fp16/bf16 logits; no gradient
-            for ``target``, ``weight`` or ``normalizer``) or ``"auto"``: fused for CPU logits with at least
+        implementation (`str`, *optional*, defaults to `"auto"`): ``"reference"``: the expression above, through
+            PyTorch's own ``F.cross_entropy`` kernel where it computes this loss (class indices, ``weight_mode=
+            "torch"`` or no weights; ``label_smoothing = b * K``, summed, then divided as described).
+            ``"fused"``: `hf_lsce.fused`, rows processed in small chunks that compute the loss and the gradient in
+            one pass; extra memory is the gradient alone, no fp32 copy of fp16/bf16 logits; no gradient for
+            ``target``, ``weight`` or ``normalizer``. ``"auto"``: fused for CPU logits with at least
             ``hf_lsce.fused.FUSED_MIN_CLASSES`` classes (or with ``inplace_backward=True``, on any device) when only
             ``input`` requires grad. The fused path is plain PyTorch and runs on any device, but it was measured
             and tested on CPU only; on GPUs ``"auto"`` keeps the reference path unless asked. Both give the same
@@ -276,8 +278,22 @@ def label_smoothed_cross_entropy(
             input, target, weight, denominator, ignore_index, reduction, a, b, weight_mode, inplace_backward
         )
     w = None if weight is None else weight.to(dtype)
-    logp = F.log_softmax(input.reshape(-1, num_classes).to(dtype), dim=-1)
+    if not target.is_floating_point() and (w is None or weight_mode == "torch") and a >= 0:
+        # PyTorch's own kernel computes exactly this loss (one log-softmax, no per-class products): smoothing
+        # (a, b) is its label_smoothing b * K (off_target included), and the class weights have its semantics.
+        losses = F.cross_entropy(
+            input.reshape(-1, num_classes).to(dtype),
+            target.reshape(-1),
+            w,
+            ignore_index=ignore_index,
+            reduction="none" if reduction == "none" else "sum",
+            label_smoothing=min(b * num_classes, 1.0),
+        )
+        if reduction == "none":
+            return losses.reshape(target.shape)
+        return _reduce(losses, reduction, normalizer, target, weight, ignore_index, weight_mode, dtype)
 
+    logp = F.log_softmax(input.reshape(-1, num_classes).to(dtype), dim=-1)
     if target.is_floating_point():
         t = target.reshape(-1, num_classes).to(dtype)
         q = a * t + b * t.sum(-1, keepdim=True)
@@ -304,7 +320,11 @@ def label_smoothed_cross_entropy(
 
     if reduction == "none":
         return losses.reshape(positions)
-    total = losses.sum()
+    return _reduce(losses.sum(), reduction, normalizer, target, weight, ignore_index, weight_mode, dtype)
+
+
+def _reduce(total, reduction, normalizer, target, weight, ignore_index, weight_mode, dtype) -> Tensor:
+    """The summed loss ``total`` as `reduction` ("sum" or "mean") asks, divided by `normalizer` when given."""
     if reduction == "sum":
         return total
     if normalizer is None:

@@ -432,19 +432,23 @@ def main():
             line.append(f"{v} {row['seconds_median'] * 1e3:.1f} ms ({row.get('ratio_median', 1):.2f}x){mem}")
         print(" | ".join(line), flush=True)
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+    write_record(args.output, "bench_loss", info, started, rows, floor=floor, ignored_fraction=IGNORED_FRACTION)
+
+
+def write_record(path: Path, benchmark: str, info: dict, started: float, rows: list[dict], **fields) -> None:
+    """Writes a benchmark's JSON record: the command, the machine (with the load average now), timing and rows."""
     info["load_average_end"] = os.getloadavg()
     record = {
-        "benchmark": "bench_loss",
+        "benchmark": benchmark,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": info,
-        "floor": floor,
-        "ignored_fraction": IGNORED_FRACTION,
+        **fields,
         "wall_seconds": time.time() - started,
         "rows": rows,
     }
-    args.output.write_text(json.dumps(record, indent=1))
-    print(f"wrote {args.output}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

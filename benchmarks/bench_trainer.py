@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import statistics
 import sys
@@ -67,7 +66,7 @@ from hf_lsce import SmoothingTrainer
 
 # Sibling scripts, not packages: bench_loss's machine description and the examples' PyPI copy of MiniLM.
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "examples")]
-from bench_loss import machine  # noqa: E402
+from bench_loss import machine, write_record  # noqa: E402
 from common import resolve_model_path  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -385,18 +384,7 @@ def main():
         notes.extend(task.notes)
         del task
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    info["load_average_end"] = os.getloadavg()
-    record = {
-        "benchmark": "bench_trainer",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": info,
-        "notes": notes,
-        "wall_seconds": time.time() - started,
-        "rows": rows,
-    }
-    args.output.write_text(json.dumps(record, indent=1))
-    print(f"wrote {args.output}")
+    write_record(args.output, "bench_trainer", info, started, rows, notes=notes)
 
 
 if __name__ == "__main__":

@@ -352,12 +352,11 @@ class SmoothingTrainer(Trainer):
         if self.args.optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO):
             kwargs["learning_rate"] = self._get_learning_rate()
         # `Accelerator.backward` divides by its own gradient_accumulation_steps (Transformers < 4.48 sets it to the
-        # accumulation steps, later releases to 1; DeepSpeed scales inside its engine): undo it, the loss is final.
-        scale = (
-            1
-            if self.accelerator.distributed_type == DistributedType.DEEPSPEED
-            else self.accelerator.gradient_accumulation_steps
-        )
+        # accumulation steps, later releases to 1): undo it, the loss is final. DeepSpeed's engine would divide by
+        # its accumulation steps instead; it is told not to, as the base Trainer does (untested here: no DeepSpeed).
+        scale = self.accelerator.gradient_accumulation_steps
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            scale, kwargs["scale_wrt_gas"] = 1, False
         self.accelerator.backward(loss * scale, **kwargs)
         return loss.detach()
 

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_loss.py                 # the full grid, 5 rounds (tens of minutes on 2 cores)
     python benchmarks/bench_loss.py --quick         # K <= 32768, 3 rounds: a smoke run
+    python benchmarks/bench_loss.py --full          # + eps = 0 and the slowest variants at K = 131072 (hours)
     python benchmarks/report.py                     # README table and plot from benchmarks/results/
 
 Method (see issue 5):
@@ -15,7 +16,8 @@ Method (see issue 5):
    high-water mark after building its inputs and reports the growth, as a multiple of the logits' size (the
    gradient of the logits counts: it is 1x for every non-in-place variant).
 
-Writes ``benchmarks/results/bench_loss.json`` (machine, floor, one row per case and variant).
+Writes ``benchmarks/results/bench_loss.json`` (machine, floor, one row per case and variant) after every case;
+``"complete": false`` marks an interrupted run.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ VARIANTS = {
 
 
 OPTION_VARIANTS = ("torch", "hf_lsce", "hf_lsce_inplace", "hf_lsce_reference")
+# The slowest variants, whose ratio to PyTorch no longer changes with K (they are PyTorch's expression or worse).
+SLOW_AT_LARGEST_K = ("hf_lsce_reference", "seed_dense")
 
 
 def variant_fn(variant, case):
@@ -130,7 +134,7 @@ def truth(x, y, w, eps, variant, case):
     return label_smoothed_cross_entropy(x, y, w, label_smoothing=eps, implementation="reference", **case_options(case))
 
 
-def applicable(variant, case, device):
+def applicable(variant, case, device, full=False):
     """None if ``variant`` runs on ``case``, else why not."""
     if case_options(case) and variant not in OPTION_VARIANTS:
         return "no such option"
@@ -143,6 +147,8 @@ def applicable(variant, case, device):
             import liger_kernel  # noqa: F401
         except ImportError:
             return "liger-kernel not installed"
+    if variant in SLOW_AT_LARGEST_K and case["k"] > 32768 and not full:
+        return "K > 32768: timed up to 32768 unless --full"
     if variant == "seed_dense":
         # Dense one-hot, its log-softmax, the weighted copy, the product and their gradients: ~6x the logits in fp32.
         need = 6 * case["n"] * case["k"] * 4
@@ -155,13 +161,15 @@ def applicable(variant, case, device):
 # Cases
 
 
-def cases(max_k: int):
+def cases(max_k: int, full: bool = False):
     sizes = [(n, k) for n, k in [(4096, 2), (4096, 1024), (4096, 32768), (4096, 131072)] if k <= max_k]
     out = [dict(n=32, k=2, dtype="float32", eps=0.1, weighted=False)]
     for dtype in ("float32", "bfloat16"):
         for n, k in sizes:
             for eps in (0.0, 0.1):
                 for weighted in (False, True):
+                    if k > 32768 and eps == 0 and not full:
+                        continue  # the largest K at eps = 0.1 only, unless --full (hours on 2 cores)
                     out.append(dict(n=n, k=k, dtype=dtype, eps=eps, weighted=weighted))
     # The other options of the loss, on the first vocabulary-sized case (their cost is that of the default's).
     if 32768 <= max_k:
@@ -367,6 +375,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="K <= 32768 and 3 rounds")
+    parser.add_argument(
+        "--full", action="store_true", help="also eps = 0 and the slowest variants at the largest K, memory at eps = 0"
+    )
     parser.add_argument("--max-k", type=int, default=131072, help="largest class count to run")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -380,7 +391,7 @@ def main():
     started = time.time()
     info = machine(device)
 
-    all_cases = cases(min(args.max_k, 32768) if args.quick else args.max_k)
+    all_cases = cases(min(args.max_k, 32768) if args.quick else args.max_k, args.full)
     biggest = max(c["n"] * c["k"] for c in all_cases if c["dtype"] == "float32")
     floor = measure_floor(device, biggest)
     print(
@@ -391,7 +402,7 @@ def main():
 
     rows = []
     for case in all_cases:
-        skipped = {v: applicable(v, case, device) for v in args.variants}
+        skipped = {v: applicable(v, case, device, args.full) for v in args.variants}
         variants = [v for v in args.variants if skipped[v] is None]
         errors = {v: check(v, case, device) for v in variants}
         for v, (loss_err, grad_err) in errors.items():
@@ -424,15 +435,17 @@ def main():
             if baseline:
                 ratios = [a / b for a, b in zip(t, baseline)]
                 row.update(ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
-            # Smaller logits (16 MiB at K = 1024) drown in the process's own noise (lazy initialisation, arenas).
-            if not args.no_memory and case["k"] >= 32768:
+            # Smaller logits (16 MiB at K = 1024) drown in the process's own noise (lazy initialisation, arenas);
+            # eps does not change what is allocated, so eps = 0 cases are not probed (unless --full).
+            if not args.no_memory and case["k"] >= 32768 and (case["eps"] > 0 or args.full):
                 row.update(measure_memory(case, v, device))
             rows.append(row)
             mem = f" mem {row['extra_memory_x_logits']:.2f}x" if "extra_memory_x_logits" in row else ""
             line.append(f"{v} {row['seconds_median'] * 1e3:.1f} ms ({row.get('ratio_median', 1):.2f}x){mem}")
         print(" | ".join(line), flush=True)
-
-    write_record(args.output, "bench_loss", info, started, rows, floor=floor, ignored_fraction=IGNORED_FRACTION)
+        # After every case, so that an interrupted run keeps what it measured.
+        fields = dict(floor=floor, ignored_fraction=IGNORED_FRACTION, complete=case is all_cases[-1])
+        write_record(args.output, "bench_loss", dict(info), started, rows, **fields)
 
 
 def write_record(path: Path, benchmark: str, info: dict, started: float, rows: list[dict], **fields) -> None:
@@ -448,7 +461,6 @@ def write_record(path: Path, benchmark: str, info: dict, started: float, rows: l
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

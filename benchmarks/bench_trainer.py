@@ -385,6 +385,7 @@ def main():
         del task
 
     write_record(args.output, "bench_trainer", info, started, rows, notes=notes)
+    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import json
 import os
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
@@ -296,7 +297,9 @@ class SmoothingTrainer(Trainer):
         if shift_target is not None:
             targets = shift_target
         elif self.shift_labels:
-            logits, targets = logits[..., :-1, :], labels[..., 1:]
+            # Position t predicts labels[t + 1] and the last position nothing. Padding the targets rather than slicing
+            # the logits keeps the logits contiguous: no copy of the step's largest tensor.
+            targets = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
         else:
             targets = labels
         weight = self._weight_on(logits.device)

@@ -5,7 +5,8 @@
 
 Reads ``bench_loss.json`` (required) and ``bench_trainer.json`` (when present), as written by the two benchmarks. With
 ``--readme``, the text between ``<!-- results:performance -->`` and ``<!-- /results:performance -->`` is replaced by
-the generated table; both markers must be there, once each, in that order.
+the generated table (by examples/compare_smoothing.py's `paste_into_readme`); both markers must be there, once each,
+in that order.
 """
 
 from __future__ import annotations
@@ -255,22 +256,6 @@ def plot_loss(record: dict, path: Path) -> None:
 # README
 
 
-def replace_between_markers(text: str, name: str, content: str) -> str:
-    """``text`` with what lies between ``<!-- results:name -->`` and ``<!-- /results:name -->`` replaced by
-    ``content``; plain string search (no regular expressions). Raises ValueError unless each marker occurs exactly
-    once, the opening one first."""
-    start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
-    counts = text.count(start), text.count(end)
-    if counts != (1, 1) or text.index(start) > text.index(end):
-        raise ValueError(
-            f"needs {start} once, followed by {end} once; found them {counts[0]} and {counts[1]} times"
-            + (", in the wrong order" if counts == (1, 1) else "")
-        )
-    before, rest = text.split(start)
-    _, after = rest.split(end)
-    return f"{before}{start}\n{content.strip()}\n{end}{after}"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -291,18 +276,19 @@ def main():
         print(f"{args.trainer} not found: no trainer table", file=sys.stderr)
     table = markdown(loss_record, trainer_record)
 
-    # The README check comes first, so that a missing marker fails before anything is written.
-    if args.readme is not None:
-        try:
-            readme_text = replace_between_markers(args.readme.read_text(), README_MARKER, table)
-        except ValueError as error:
-            raise SystemExit(f"{args.readme}: {error}") from None
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "README_table.md").write_text(table)
     plot_loss(loss_record, args.output_dir / "bench_loss.png")
     print(f"wrote {args.output_dir / 'README_table.md'} and {args.output_dir / 'bench_loss.png'}")
     if args.readme is not None:
-        args.readme.write_text(readme_text)
+        # The examples' README paster (it imports Transformers, hence only here).
+        sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+        from compare_smoothing import paste_into_readme
+
+        try:
+            paste_into_readme(args.readme, README_MARKER, table)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
         print(f"pasted the table into {args.readme}")
 
 

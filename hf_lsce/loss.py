@@ -268,12 +268,12 @@ def label_smoothed_cross_entropy(
     num_classes = input.shape[-1]
     a, b = _smoothing_coefficients(num_classes, label_smoothing, smoothing_style)
     dtype = _compute_dtype(input)
+    denominator = None  # what "mean" divides the sum by; None for "sum" and "none"
+    if reduction == "mean":
+        if normalizer is None:
+            normalizer = mean_denominator(target, weight, ignore_index, weight_mode=weight_mode)
+        denominator = torch.as_tensor(normalizer, dtype=dtype, device=input.device)
     if _use_fused(implementation, input, target, weight, normalizer, inplace_backward):
-        denominator = None
-        if reduction == "mean":
-            if normalizer is None:
-                normalizer = mean_denominator(target, weight, ignore_index, weight_mode=weight_mode)
-            denominator = torch.as_tensor(normalizer, dtype=dtype, device=input.device)
         return fused_cross_entropy(
             input, target, weight, denominator, ignore_index, reduction, a, b, weight_mode, inplace_backward
         )
@@ -291,7 +291,7 @@ def label_smoothed_cross_entropy(
         )
         if reduction == "none":
             return losses.reshape(target.shape)
-        return _reduce(losses, reduction, normalizer, target, weight, ignore_index, weight_mode, dtype)
+        return losses if denominator is None else _safe_divide(losses, denominator)
 
     logp = F.log_softmax(input.reshape(-1, num_classes).to(dtype), dim=-1)
     if target.is_floating_point():
@@ -320,16 +320,8 @@ def label_smoothed_cross_entropy(
 
     if reduction == "none":
         return losses.reshape(positions)
-    return _reduce(losses.sum(), reduction, normalizer, target, weight, ignore_index, weight_mode, dtype)
-
-
-def _reduce(total, reduction, normalizer, target, weight, ignore_index, weight_mode, dtype) -> Tensor:
-    """The summed loss ``total`` as `reduction` ("sum" or "mean") asks, divided by `normalizer` when given."""
-    if reduction == "sum":
-        return total
-    if normalizer is None:
-        normalizer = mean_denominator(target, weight, ignore_index, weight_mode=weight_mode)
-    return _safe_divide(total, torch.as_tensor(normalizer, dtype=dtype, device=total.device))
+    total = losses.sum()
+    return total if denominator is None else _safe_divide(total, denominator)
 
 
 def _safe_divide(total: Tensor, denominator: Tensor) -> Tensor:

@@ -228,11 +228,15 @@ class SmoothingTrainer(Trainer):
         return self._weights_on_device[device]
 
     def _targets(self, batch: dict) -> Tensor:
-        """The labels each logit is scored against: shifted for causal LMs, as the loss in `compute_loss` uses them."""
+        """The label each logit is scored against, for `compute_loss` and the window's denominator alike.
+
+        For causal LMs position t predicts ``labels[t + 1]`` and the last position nothing (-100): padding the targets
+        rather than slicing the logits keeps the logits contiguous, so the loss makes no copy of them.
+        """
         if batch.get("shift_labels") is not None:
             return batch["shift_labels"]
         labels = batch["labels"]
-        return labels[..., 1:] if self.shift_labels else labels
+        return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX) if self.shift_labels else labels
 
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
         """Fetches one accumulation window (as `Trainer` does) and computes its global weight sum.
@@ -294,14 +298,7 @@ class SmoothingTrainer(Trainer):
             inputs["decoder_input_ids"] = self._unwrapped_model().prepare_decoder_input_ids_from_labels(labels=labels)
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        if shift_target is not None:
-            targets = shift_target
-        elif self.shift_labels:
-            # Position t predicts labels[t + 1] and the last position nothing. Padding the targets rather than slicing
-            # the logits keeps the logits contiguous: no copy of the step's largest tensor.
-            targets = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
-        else:
-            targets = labels
+        targets = self._targets({"labels": labels, "shift_labels": shift_target})
         weight = self._weight_on(logits.device)
         options = {"smoothing_style": self.smoothing_style, "weight_mode": self.weight_mode}
 

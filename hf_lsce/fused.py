@@ -38,9 +38,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-# One chunk of fp32 rows per thread; it and the chunk of the gradient it writes should stay in that core's L2 cache
-# (2 MiB on the project's EPYC machines); much smaller chunks pay per-operation overhead (see benchmarks/).
-DEFAULT_CHUNK_BYTES = 1 << 19
+# One chunk of fp32 rows per thread. Each chunk costs ~10 PyTorch calls (~50 us of Python and dispatch, more when
+# threads contend for the GIL), so chunks must be large; small enough that all threads' chunks stay in the
+# last-level cache. On the project's 2-core EPYC VM (1 MiB L2 per core, 32 MiB L3), N = 4096, K = 32768, fp32, in
+# place: 128 KiB chunks 690 ms, 512 KiB 245 ms, 2 MiB 155 ms, 8 MiB 205 ms (/tmp ad-hoc runs, medians of 4).
+DEFAULT_CHUNK_BYTES = 1 << 21
 
 # Below this many classes `implementation="auto"` keeps the reference path, which is PyTorch's own kernel for the
 # common options. benchmarks/bench_loss.py measures K = 1024 (the reference path is as fast or faster) and K = 32768
@@ -131,13 +133,17 @@ class _FusedCrossEntropy(torch.autograd.Function):
             scale = torch.where(positive, 1 / torch.where(positive, denominator, 1), 0).to(dtype)
 
         if target.is_floating_point():
-            chunk_fn = _probability_chunk
-            rows = _probability_rows(target.reshape(-1, num_classes), w, a, b, weight_mode, dtype)
+            terms = _probability_terms(target.reshape(-1, num_classes), w, a, b, weight_mode, dtype)
         else:
-            chunk_fn = _index_chunk
-            rows = _index_rows(target.reshape(-1), w, ignore_index, num_classes, a, b, weight_mode, dtype)
+            terms = _index_terms(target.reshape(-1), w, ignore_index, num_classes, a, b, weight_mode, dtype)
         # Only a weight that varies over the classes needs a product with the chunk; otherwise v is per row.
         class_weight = w if w is not None and weight_mode == "torch" else None
+        factors = None
+        if need_grad:
+            # The gradient's per-row factors, scaled once here rather than per chunk.
+            s = 1 if scale is None else scale
+            factors = [terms["total"] * s, -terms["picked"] * s, None if b == 0 else terms["spread"] * s]
+            factors = [None if f is None else f[:, None] for f in factors]
 
         x = input.detach().reshape(-1, num_classes)
         num_rows = x.shape[0]
@@ -148,7 +154,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
         grad = None
         if need_grad:
             grad = x if inplace else _empty_gradient(x)
-        losses = torch.empty(num_rows, dtype=dtype, device=x.device)
+        # Per row: sum_c target_c x_c, sum_c v_c x_c, max_c x_c and max_c p_c, filled chunk by chunk.
+        stats = torch.empty(4, num_rows, 1, dtype=dtype, device=x.device)
+        target_rows = terms["target"]
         inference = torch.is_inference_mode_enabled()
 
         def work(starts):
@@ -167,14 +175,28 @@ class _FusedCrossEntropy(torch.autograd.Function):
                     if source.dtype != dtype:
                         # The chunk's fp32 copy; softmax has no fp32 output for half input on CPU.
                         source = z.copy_(source)
-                    chunk = {name: value[start:end] for name, value in rows.items()}
-                    losses[start:end] = chunk_fn(
-                        source, z, **chunk, b=b, w=class_weight, scale=scale, need_grad=need_grad
+                    _chunk(
+                        source,
+                        z,
+                        target_rows[start:end],
+                        class_weight,
+                        stats[:, start:end],
+                        b != 0,
+                        factors and [None if f is None else f[start:end] for f in factors],
                     )
                     if need_grad and not direct:
                         grad[start:end].copy_(z)
 
         _run_chunks(range(0, num_rows, step), work, x.device)
+
+        picked, spread, top, peak = stats.squeeze(2)
+        # At the row's maximum p = exp(max - lse) >= 1 / K: this log-sum-exp loses nothing to underflow.
+        losses = terms["total"] * (top - peak.log()) - terms["picked"] * picked
+        if b:
+            losses -= terms["spread"] * spread
+        if terms["valid"] is not None:
+            # Ignored rows cost 0 whatever their logits (inf or NaN included), as in the reference path.
+            losses = torch.where(terms["valid"], losses, 0)
 
         ctx.grad = grad
         ctx.reduction = reduction
@@ -212,11 +234,12 @@ def _keep_graph() -> bool:
     return bool(getter()) if getter is not None else False
 
 
-def _index_rows(y, w, ignore_index, num_classes, a, b, weight_mode, dtype):
+def _index_terms(y, w, ignore_index, num_classes, a, b, weight_mode, dtype):
     """Per-row factors for class indices: ``u = g * one_hot(y) + b * r * v`` with ``U = sum_c u_c = total``.
 
     ``v`` is the weight vector in weight_mode="torch" (``r`` is then the 0/1 validity) and 1 otherwise (``r`` then
-    carries ``w_y``); ignored rows have ``g = r = total = 0``.
+    carries ``w_y``); ignored rows have ``g = r = total = 0``. Returned as the coefficients of `_chunk`'s sums:
+    ``picked = g`` (of ``x_y``) and ``spread = b * r`` (of ``sum_c v_c x_c``).
     """
     valid = y != ignore_index
     y = y.where(valid, 0)
@@ -224,84 +247,86 @@ def _index_rows(y, w, ignore_index, num_classes, a, b, weight_mode, dtype):
     if w is not None:
         w_y = w[y] * r
         if weight_mode == "torch":
-            return {"y": y[:, None], "valid": valid, "g": a * w_y, "r": r, "total": a * w_y + b * w.sum() * r}
+            total = a * w_y + b * w.sum() * r
+            return {"target": y[:, None], "valid": valid, "picked": a * w_y, "spread": b * r, "total": total}
         r = w_y
-    return {"y": y[:, None], "valid": valid, "g": a * r, "r": r, "total": (a + b * num_classes) * r}
+    total = (a + b * num_classes) * r
+    return {"target": y[:, None], "valid": valid, "picked": a * r, "spread": b * r, "total": total}
 
 
-def _probability_rows(t, w, a, b, weight_mode, dtype):
+def _probability_terms(t, w, a, b, weight_mode, dtype):
     """Per-row factors for probabilities: ``u = alpha * t * v + beta * v`` with ``U = sum_c u_c = total``.
 
     ``v`` is the weight vector in weight_mode="torch" and 1 otherwise (example mode puts ``r = w . t`` into
-    ``alpha`` and ``beta``); rows summing to 0 get all-zero factors.
+    ``alpha`` and ``beta``); rows summing to 0 get all-zero factors. ``picked = alpha`` is the coefficient of
+    ``sum_c t_c v_c x_c``, ``spread = beta`` that of ``sum_c v_c x_c``.
     """
     num_classes = t.shape[-1]
     mass = t.sum(-1, dtype=dtype)
     alpha = torch.full_like(mass, a)
     if w is None:
-        return {"t": t, "alpha": alpha, "beta": b * mass, "total": (a + b * num_classes) * mass}
+        return {"target": t, "valid": None, "picked": alpha, "spread": b * mass, "total": (a + b * num_classes) * mass}
     # One extra pass over the targets; probability targets are as large as the logits anyway.
     r = t.to(dtype) @ w
     if weight_mode == "torch":
-        return {"t": t, "alpha": alpha, "beta": b * mass, "total": a * r + b * w.sum() * mass}
-    return {"t": t, "alpha": a * r, "beta": b * mass * r, "total": (a + b * num_classes) * mass * r}
+        return {"target": t, "valid": None, "picked": alpha, "spread": b * mass, "total": a * r + b * w.sum() * mass}
+    total = (a + b * num_classes) * mass * r
+    return {"target": t, "valid": None, "picked": a * r, "spread": b * mass * r, "total": total}
 
 
-def _index_chunk(x, z, y, valid, g, r, total, b, w, scale, need_grad):
-    """Losses of the rows of the chunk ``x``; ``z`` (which may be ``x`` itself) receives the gradient of their sum
-    times ``scale`` (or is scratch when no gradient is needed)."""
-    linear = g * x.gather(1, y).squeeze(1)
-    if b:
-        linear += b * r * (x.sum(1, dtype=z.dtype) if w is None else x @ w)
-    lse = _softmax_into(x, z)
-    # Ignored rows cost 0 whatever their logits (inf or NaN included), as in the reference path.
-    loss = torch.where(valid, total * lse - linear, 0)
-    if need_grad:
-        if scale is not None:
-            g, r, total = g * scale, r * scale, total * scale
-        if b and w is None:
-            torch.addcmul((-b * r)[:, None], z, total[:, None], out=z)
-        else:
-            z.mul_(total[:, None])
-            if b:
-                z.addcmul_(r[:, None], w, value=-b)
-        z.scatter_add_(1, y, -g[:, None])
-    return loss
+def _chunk(x, z, target, w, stats, spread, factors):
+    """One chunk of rows: fills ``stats`` (4 x rows x 1) and, with ``factors``, writes the gradient into ``z``.
 
-
-def _probability_chunk(x, z, t, alpha, beta, total, b, w, scale, need_grad):
-    """`_index_chunk` for probability targets (``t`` is the chunk's targets)."""
-    t = t.to(z.dtype)
-    if w is not None:
-        t = t * w
-    linear = alpha * (t * x).sum(1) + beta * (x.sum(1, dtype=z.dtype) if w is None else x @ w)
-    lse = _softmax_into(x, z)
-    loss = total * lse - linear
-    if need_grad:
-        if scale is not None:
-            alpha, beta, total = alpha * scale, beta * scale, total * scale
-        z.mul_(total[:, None])
-        z.addcmul_(t, alpha[:, None], value=-1)
+    ``stats`` receives ``sum_c target_c v_c x_c`` (``x_y`` for class indices), ``sum_c v_c x_c`` (when ``spread``),
+    ``max_c x_c`` and ``max_c softmax(x)_c``; ``v`` is ``w`` or 1. ``z`` (which may be ``x`` itself) receives
+    ``softmax(x)``, then with ``factors = (total, -picked, spread)``, columns of per-row factors already scaled by
+    the reduction, the gradient ``total * p - picked * target * v - spread * v``.
+    """
+    picked, spread_sum, top, peak = stats
+    if target.is_floating_point():
+        target = target.to(z.dtype)
+        if w is not None:
+            target = target * w
+        torch.sum(target * x, 1, keepdim=True, out=picked)
+    else:
+        torch.gather(x, 1, target, out=picked)
+    if spread:
         if w is None:
-            z.sub_(beta[:, None])
+            torch.sum(x, 1, keepdim=True, out=spread_sum)
         else:
-            z.addcmul_(beta[:, None], w, value=-1)
-    return loss
+            torch.mm(x, w[:, None], out=spread_sum)
+    # Reductions without indices: max() with its argmax takes as long as the softmax itself.
+    torch.amax(x, 1, keepdim=True, out=top)
+    _softmax_into(x, z)
+    torch.amax(z, 1, keepdim=True, out=peak)
+    if factors is None:
+        return
+    total, picked_factor, spread_factor = factors
+    # Products with a column of per-row factors, one operation each: addcmul with two broadcast columns is 5-8x
+    # slower than mul_ and sub_ on CPU.
+    z.mul_(total)
+    if spread_factor is not None:
+        if w is None:
+            z.sub_(spread_factor)
+        else:
+            z.addcmul_(spread_factor, w, value=-1)
+    if target.is_floating_point():
+        z.add_(target * picked_factor)
+    else:
+        z.scatter_add_(1, target, picked_factor)
 
 
-def _softmax_into(x: Tensor, z: Tensor) -> Tensor:
-    """Writes ``softmax(x)`` into ``z`` (which may be ``x``) and returns the rows' log-sum-exp.
+def _softmax_into(x: Tensor, z: Tensor) -> None:
+    """Writes ``softmax(x)`` into ``z`` (which may be ``x``).
 
     PyTorch's softmax kernel computes max, exp and sum row by row while the row is in cache. On CPU its output
     may alias its input: each element is read before it is written (tests/test_fused.py checks this). Elsewhere,
     where that is unchecked, an aliased call goes through a chunk-sized temporary.
     """
-    top, where = x.max(1, keepdim=True)
     if x.device.type == "cpu" or not z.is_set_to(x):
         torch.softmax(x, 1, out=z)
     else:
         z.copy_(torch.softmax(x, 1))
-    return (top - z.gather(1, where).log()).squeeze(1).to(z.dtype)
 
 
 def _run_chunks(starts: range, work, device: torch.device) -> None:

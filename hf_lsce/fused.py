@@ -41,13 +41,14 @@ from torch import Tensor
 # One chunk of fp32 rows per thread. Each chunk costs ~10 PyTorch calls (~50 us of Python and dispatch, more when
 # threads contend for the GIL), so chunks must be large; small enough that all threads' chunks stay in the
 # last-level cache. On the project's 2-core EPYC VM (1 MiB L2 per core, 32 MiB L3), N = 4096, K = 32768, fp32, in
-# place: 128 KiB chunks 690 ms, 512 KiB 245 ms, 2 MiB 155 ms, 8 MiB 205 ms (/tmp ad-hoc runs, medians of 4).
+# place: 128 KiB chunks 690 ms, 512 KiB 245 ms, 2 MiB 155 ms, 8 MiB 205 ms (ad-hoc runs, medians of 4).
 DEFAULT_CHUNK_BYTES = 1 << 21
 
-# Below this many classes `implementation="auto"` keeps the reference path, which is PyTorch's own kernel for the
-# common options. benchmarks/bench_loss.py measures K = 1024 (the reference path is as fast or faster) and K = 32768
-# (the fused path takes 0.2-0.4x the time); 4096 lies between them and was only checked in an ad-hoc run.
-FUSED_MIN_CLASSES = 4096
+# Below this many classes `implementation="auto"` keeps the reference path, PyTorch's own kernel for the common
+# options, whose fixed cost is lower. Forward + backward, N = 4096, eps = 0.1, class weights, as a multiple of
+# F.cross_entropy (2-core VM, medians of 11 interleaved rounds, ad-hoc runs): K = 16: reference 1.5x, fused 2.2x;
+# K = 64: 1.7x / 1.4x; K = 256: 1.2x / 1.1x (bf16: 2.5x / 1.3x); K = 1024: see benchmarks/bench_loss.py.
+FUSED_MIN_CLASSES = 64
 
 
 def fused_cross_entropy(

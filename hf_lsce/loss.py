@@ -15,6 +15,7 @@ Both are ``q = a * one_hot(y) + b`` with ``a = 1 - eps'`` and ``b = eps' / K``, 
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -36,7 +37,9 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 def _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index) -> None:
     """Checks the arguments that do not depend on tensors; shared by the function and the module."""
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
+    if type(label_smoothing) is not float and (  # the common case first: this runs on every call
+        isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
+    ):
         raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
@@ -61,13 +64,11 @@ def _check_implementation(implementation: str, inplace_backward: bool) -> None:
 def _use_fused(implementation: str, input: Tensor, target: Tensor, weight, normalizer, inplace_backward) -> bool:
     if implementation != "auto":
         return implementation == "fused"
-    # The fused path gives no gradient to the target, the weights or the normalizer.
-    if any(isinstance(t, Tensor) and t.requires_grad for t in (target, weight, normalizer)):
-        return False
-    if inplace_backward:
-        return True
     # Measured, and so chosen by default, on CPU only (no GPU was available to this project); "fused" works anywhere.
-    return input.device.type == "cpu" and input.shape[-1] >= FUSED_MIN_CLASSES
+    if not inplace_backward and not (input.is_cpu and input.shape[-1] >= FUSED_MIN_CLASSES):
+        return False
+    # The fused path gives no gradient to the target, the weights or the normalizer.
+    return not (target.requires_grad or any(isinstance(t, Tensor) and t.requires_grad for t in (weight, normalizer)))
 
 
 def _check_weight(weight: Tensor | None, num_classes: int | None, validate: bool) -> None:
@@ -78,11 +79,14 @@ def _check_weight(weight: Tensor | None, num_classes: int | None, validate: bool
     if weight.dim() != 1 or (num_classes is not None and weight.shape[0] != num_classes):
         expected = f"({num_classes},)" if num_classes is not None else "(K,)"
         raise ValueError(f"weight must have shape {expected}, got {tuple(weight.shape)}")
-    if validate:
-        if not bool(torch.isfinite(weight).all()):
+    if not validate or weight.numel() == 0:
+        return
+    # One pass over the weights.
+    low, high = (value.item() for value in torch.aminmax(weight.detach()))
+    if not 0 <= low <= high < float("inf"):  # NaN propagates through aminmax and fails this too
+        if not torch.isfinite(weight).all():
             raise ValueError(f"weight must be finite, got {weight.tolist()}")
-        if bool((weight < 0).any()):
-            raise ValueError(f"weight must be non-negative, got {weight.tolist()}")
+        raise ValueError(f"weight must be non-negative, got {weight.tolist()}")
 
 
 def _describe(value: object) -> str:
@@ -103,7 +107,8 @@ def _compute_dtype(input: Tensor) -> torch.dtype:
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
-def _check_tensors(input: Tensor, target: Tensor, ignore_index: int, validate: bool) -> None:
+def _check_tensors(input: Tensor, target: Tensor) -> None:
+    """Raises on logits or targets of the wrong type or shape (values: `_check_target_values`)."""
     if not isinstance(input, Tensor) or not input.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor of logits (..., K), got {_describe(input)}")
     if input.dim() == 0:
@@ -121,21 +126,49 @@ def _check_tensors(input: Tensor, target: Tensor, ignore_index: int, validate: b
             raise ValueError(
                 f"probability target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
             )
-        if validate and not bool(((target >= 0) & torch.isfinite(target)).all()):
-            raise ValueError("probability target must be finite and non-negative")
-        return
-    if target.shape != input.shape[:-1]:
+    elif target.shape != input.shape[:-1]:
         raise ValueError(
             f"target must have shape {tuple(input.shape[:-1])} (input's shape without its last, class, dimension), "
             f"got {tuple(target.shape)}"
         )
-    if validate and target.numel() > 0:
-        bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-        if bool(bad.any()):
-            value = int(target[bad].flatten()[0])
-            raise ValueError(
-                f"target contains label {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}"
-            )
+
+
+def _check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raises unless every label is a class or ``ignore_index`` (every probability finite and non-negative)."""
+    if target.is_floating_point():
+        if not bool(((target >= 0) & torch.isfinite(target)).all()):
+            raise ValueError("probability target must be finite and non-negative")
+        return
+    message = _bad_label(target, num_classes, ignore_index)
+    if message is not None:
+        raise ValueError(message)
+
+
+def _bad_label(target: Tensor, num_classes: int, ignore_index: int) -> str | None:
+    """What is wrong with the class-index ``target``'s labels, or None."""
+    if target.numel() == 0:
+        return None
+    # One pass settles the usual case, every label a class; a second one looks past ignore_index.
+    low, high = (value.item() for value in torch.aminmax(target))
+    if 0 <= low <= high < num_classes or low == high == ignore_index:
+        return None
+    counted = target.masked_fill(target == ignore_index, 0)
+    low, high = (value.item() for value in torch.aminmax(counted))
+    if 0 <= low <= high < num_classes:
+        return None
+    value = int(counted[(counted < 0) | (counted >= num_classes)].flatten()[0])
+    return f"target contains label {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}"
+
+
+def _kernel_cross_entropy(x: Tensor, y: Tensor, w: Tensor | None, ignore_index: int, **options) -> Tensor:
+    """``F.cross_entropy`` on (N, K) logits, with its out-of-range label error (CPU) as our ValueError."""
+    try:
+        return F.cross_entropy(x, y, w, ignore_index=ignore_index, **options)
+    except IndexError:
+        message = _bad_label(y, x.shape[-1], ignore_index)
+        if message is None:
+            raise
+    raise ValueError(message)
 
 
 def _check_normalizer(normalizer, reduction: str, validate: bool) -> None:
@@ -260,38 +293,59 @@ def label_smoothed_cross_entropy(
         input).
     """
     _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
-    _check_tensors(input, target, ignore_index, validate)
+    _check_tensors(input, target)
     _check_weight(weight, input.shape[-1], validate)
     _check_normalizer(normalizer, reduction, validate)
     _check_implementation(implementation, inplace_backward)
 
     num_classes = input.shape[-1]
+    if not target.is_floating_point() and target.dtype != torch.int64:
+        target = target.long()  # the index type of PyTorch's kernels; lossless for every integer dtype
     a, b = _smoothing_coefficients(num_classes, label_smoothing, smoothing_style)
     dtype = _compute_dtype(input)
-    denominator = None  # what "mean" divides the sum by; None for "sum" and "none"
-    if reduction == "mean":
-        if normalizer is None:
-            normalizer = mean_denominator(target, weight, ignore_index, weight_mode=weight_mode)
-        denominator = torch.as_tensor(normalizer, dtype=dtype, device=input.device)
-    if _use_fused(implementation, input, target, weight, normalizer, inplace_backward):
+    fused = _use_fused(implementation, input, target, weight, normalizer, inplace_backward)
+    # PyTorch's own kernel computes exactly this loss (one log-softmax, no per-class products) for class indices
+    # with its weight semantics: smoothing (a, b) is its label_smoothing b * K (off_target included).
+    kernel = not fused and not target.is_floating_point() and (weight is None or weight_mode == "torch") and a >= 0
+    # On CPU that kernel rejects bad labels itself (its error is translated below): no separate pass over them.
+    if validate and not (kernel and input.is_cpu):
+        _check_target_values(target, num_classes, ignore_index)
+    # PyTorch's "mean" divides by the same sum_i w[y_i]; it differs only where that is 0, and then it is not finite
+    # (checked below, a host read, hence only with validate).
+    kernel_mean = kernel and reduction == "mean" and normalizer is None and validate
+
+    def denominator():
+        """What "mean" divides the sum by (None for "sum" and "none")."""
+        if reduction != "mean":
+            return None
+        value = (
+            mean_denominator(target, weight, ignore_index, weight_mode=weight_mode)
+            if normalizer is None
+            else normalizer
+        )
+        return torch.as_tensor(value, dtype=dtype, device=input.device)
+
+    if fused:
         return fused_cross_entropy(
-            input, target, weight, denominator, ignore_index, reduction, a, b, weight_mode, inplace_backward
+            input, target, weight, denominator(), ignore_index, reduction, a, b, weight_mode, inplace_backward
         )
     w = None if weight is None else weight.to(dtype)
-    if not target.is_floating_point() and (w is None or weight_mode == "torch") and a >= 0:
-        # PyTorch's own kernel computes exactly this loss (one log-softmax, no per-class products): smoothing
-        # (a, b) is its label_smoothing b * K (off_target included), and the class weights have its semantics.
-        losses = F.cross_entropy(
-            input.reshape(-1, num_classes).to(dtype),
-            target.reshape(-1),
-            w,
-            ignore_index=ignore_index,
-            reduction="none" if reduction == "none" else "sum",
-            label_smoothing=min(b * num_classes, 1.0),
-        )
+    if kernel:
+        # Skipping no-op reshapes and casts matters at small sizes: each is a node in the autograd graph.
+        x = input if input.dim() == 2 else input.reshape(-1, num_classes)
+        x = x if x.dtype == dtype else x.to(dtype)
+        y = target if target.dim() == 1 else target.reshape(-1)
+        smoothing = min(b * num_classes, 1.0)
+        if kernel_mean:
+            loss = _kernel_cross_entropy(x, y, w, ignore_index, reduction="mean", label_smoothing=smoothing)
+            if math.isfinite(loss.item()):
+                return loss
+            # Nothing counts (0 / 0), or the logits are not finite; the rule below gives 0 for the former.
+        kernel_reduction = "none" if reduction == "none" else "sum"
+        losses = _kernel_cross_entropy(x, y, w, ignore_index, reduction=kernel_reduction, label_smoothing=smoothing)
         if reduction == "none":
             return losses.reshape(target.shape)
-        return losses if denominator is None else _safe_divide(losses, denominator)
+        return losses if reduction == "sum" else _safe_divide(losses, denominator())
 
     logp = F.log_softmax(input.reshape(-1, num_classes).to(dtype), dim=-1)
     if target.is_floating_point():
@@ -321,13 +375,13 @@ def label_smoothed_cross_entropy(
     if reduction == "none":
         return losses.reshape(positions)
     total = losses.sum()
-    return total if denominator is None else _safe_divide(total, denominator)
+    return total if reduction == "sum" else _safe_divide(total, denominator())
 
 
 def _safe_divide(total: Tensor, denominator: Tensor) -> Tensor:
     """``total / denominator``, or 0 with zero gradients when nothing counts (PyTorch returns NaN there)."""
     positive = denominator > 0
-    return torch.where(positive, total / torch.where(positive, denominator, 1), 0 * total)
+    return torch.where(positive, total / torch.where(positive, denominator, 1), 0)
 
 
 class LabelSmoothedCrossEntropyLoss(nn.Module):

@@ -302,6 +302,19 @@ def test_all_positions_ignored_gives_zero_not_nan(lsce):
     assert torch_reference(logits, target, label_smoothing=0.1).isnan()
 
 
+def test_zero_total_weight_gives_zero_not_nan(lsce):
+    """Counted positions whose classes all weigh 0, or a class-valued ignore_index covering every position."""
+    logits, _, weight = make_batch((2, 3), 5)
+    weight[1] = 0
+    target = torch.tensor([[1, 1, -100], [1, -100, 1]])
+    for smoothing in (0.0, 0.1):
+        loss, grad = loss_and_grad(lsce, logits, target, weight, label_smoothing=smoothing)
+        assert loss.item() == 0 and grad.abs().max() == 0
+        assert not torch_reference(logits, target, weight, label_smoothing=smoothing).isfinite()  # control
+    loss, grad = loss_and_grad(lsce, logits, torch.full((2, 3), 4), weight, 4, label_smoothing=0.1)
+    assert loss.item() == 0 and grad.abs().max() == 0
+
+
 def test_ignored_positions_cost_nothing(lsce):
     logits, target, weight = make_batch((4, 6), 7)
     loss, grad = loss_and_grad(lsce, logits, target, weight, label_smoothing=0.1, reduction="none")
@@ -420,6 +433,15 @@ TARGET = torch.tensor([0, 2, -100, 1])
     [
         (dict(target=torch.tensor([0, 3, 1, 1])), ValueError, r"label 3, outside \[0, 3\)"),
         (dict(target=torch.tensor([0, -2, 1, 1])), ValueError, r"label -2, outside \[0, 3\)"),
+        # Beside padding, through PyTorch's kernel (each reduction) and through the general expression.
+        (dict(target=torch.tensor([0, 3, -100, 1])), ValueError, r"label 3, outside \[0, 3\)"),
+        (dict(target=torch.tensor([-5, -100, 1, 2]), reduction="sum"), ValueError, r"label -5, outside"),
+        (dict(target=torch.tensor([0, 3, -100, 1]), reduction="none"), ValueError, r"label 3, outside"),
+        (
+            dict(target=torch.tensor([0, 3, -100, 1]), weight=torch.ones(3), weight_mode="example"),
+            ValueError,
+            "label 3",
+        ),
         (dict(weight=torch.ones(4)), ValueError, r"weight must have shape \(3,\), got \(4,\)"),
         (dict(weight=torch.ones(3, 1)), ValueError, r"weight must have shape"),
         (dict(weight=torch.tensor([1.0, -1.0, 1.0])), ValueError, "weight must be non-negative"),
@@ -449,6 +471,15 @@ def test_bad_input_raises(lsce, kwargs, error, match):
     arguments = dict(input=LOGITS, target=TARGET) | kwargs
     with pytest.raises(error, match=match):
         lsce(**arguments)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_any_integer_target_dtype(lsce, dtype):
+    """PyTorch's kernels take int64 indices only; other integer dtypes are widened, losslessly."""
+    logits, target, weight = make_batch((6, 5), 7, ignored=0)
+    expected = loss_and_grad(lsce, logits, target, weight, label_smoothing=0.1)
+    actual = loss_and_grad(lsce, logits, target.to(dtype), weight, label_smoothing=0.1)
+    torch.testing.assert_close(actual, expected)
 
 
 def test_validate_false_skips_value_checks(lsce):

@@ -10,8 +10,9 @@ Method (see issue 5):
 2. The machine's floor is measured in the same run: copy bandwidth and ``exp`` throughput on a buffer the size of
    the largest fp32 logits; ``floor = 2 * N * K * bytes / copy_bandwidth + N * K / exp_rate``.
 3. Per case, the variants run interleaved in a rotating order, one warm-up each (discarded) then ``--rounds``
-   rounds; each time is forward + backward of a fresh graph on leaf logits. Ratios to ``F.cross_entropy`` are taken
-   within each round, then their median (and min / max) is reported.
+   rounds; each time is forward + backward of a fresh graph on leaf logits, averaged over back-to-back calls for
+   the small cases (at least ``CALL_ELEMENTS`` logits per timing, at most 200 calls). Ratios to ``F.cross_entropy``
+   are taken within each round, then their median (and min / max) is reported.
 4. Peak extra memory: each (case, variant) runs once in a fresh subprocess, which resets the kernel's RSS
    high-water mark after building its inputs and reports the growth, as a multiple of the logits' size (the
    gradient of the logits counts: it is 1x for every non-in-place variant).
@@ -41,6 +42,7 @@ from hf_lsce import label_smoothed_cross_entropy
 
 RESULTS = Path(__file__).parent / "results"
 IGNORED_FRACTION = 0.1
+CALL_ELEMENTS = 1 << 24  # logits per timing, at least, for the small cases (see `calls_per_timing`)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,19 +202,27 @@ def make_inputs(case, device, seed=0):
 # Measurements
 
 
-def run_once(fn, x, y, w, eps, inplace_source=None):
-    """Seconds for forward + backward on leaf logits ``x`` (refilled from ``inplace_source`` first, untimed)."""
-    if inplace_source is not None:
-        with torch.no_grad():
-            x.copy_(inplace_source)
+def run_once(fn, x, y, w, eps, inplace_source=None, calls=1):
+    """Seconds per forward + backward on leaf logits ``x`` (refilled from ``inplace_source`` first, untimed),
+    averaged over ``calls`` back-to-back calls."""
+    elapsed = 0.0
+    for _ in range(calls):
+        if inplace_source is not None:
+            with torch.no_grad():
+                x.copy_(inplace_source)
+        x.grad = None
+        _sync(x.device)
+        start = time.perf_counter()
+        fn(x, y, w, eps).backward()
+        _sync(x.device)
+        elapsed += time.perf_counter() - start
     x.grad = None
-    _sync(x.device)
-    start = time.perf_counter()
-    fn(x, y, w, eps).backward()
-    _sync(x.device)
-    elapsed = time.perf_counter() - start
-    x.grad = None
-    return elapsed
+    return elapsed / calls
+
+
+def calls_per_timing(case):
+    """Back-to-back calls per timing: small cases last ~0.1-1 ms, well below the VM's scheduling noise."""
+    return max(1, min(200, CALL_ELEMENTS // (case["n"] * case["k"])))
 
 
 def check(variant, case, device):
@@ -237,10 +247,12 @@ def time_case(case, variants, rounds, device):
     work = x0.clone().requires_grad_(True)  # overwritten by the in-place variant, refilled before each run
     times = {v: [] for v in variants}
     order = list(variants)
+    calls = calls_per_timing(case)
     for round_ in range(rounds + 1):  # round 0 is the warm-up
         for v in order[round_ % len(order) :] + order[: round_ % len(order)]:
             inplace = v == "hf_lsce_inplace"
-            elapsed = run_once(variant_fn(v, case), work if inplace else leaf, y, w, eps, x0 if inplace else None)
+            x, source = (work, x0) if inplace else (leaf, None)
+            elapsed = run_once(variant_fn(v, case), x, y, w, eps, source, calls)
             if round_:
                 times[v].append(elapsed)
     return times
@@ -418,7 +430,7 @@ def main():
         baseline = times.get("torch")
         line = [case_name(case)]
         for v in args.variants:
-            row = dict(case, variant=v, rounds=rounds)
+            row = dict(case, variant=v, rounds=rounds, calls_per_timing=calls_per_timing(case))
             if skipped[v] is not None:
                 rows.append(dict(row, skipped=skipped[v]))
                 continue

@@ -117,10 +117,17 @@ def loss_tables(record: dict) -> str:
             out += ["", f"– not run ({reasons})."]
         out.append("")
     rounds = "/".join(str(r) for r in sorted({row["rounds"] for row in rows}))
+    max_calls = max(row.get("calls_per_timing", 1) for row in rows)
     copy_rate, exp_rate = record["floor"]["copy_bytes_per_s"] / 1e9, record["floor"]["exp_per_s"] / 1e9
     out.append(
         f"Forward + backward on leaf logits, {record['ignored_fraction']:.0%} of the labels ignored; {rounds} "
-        "interleaved rounds after a warm-up. The floor is two copies of the logits at the measured copy bandwidth "
+        "interleaved rounds after a warm-up"
+        + (
+            f"; a time is the mean of up to {max_calls} back-to-back calls where one call is short"
+            if max_calls > 1
+            else ""
+        )
+        + ". The floor is two copies of the logits at the measured copy bandwidth "
         f"({copy_rate:.1f} GB/s) plus one `exp` per logit ({exp_rate:.2f} G/s)."
         + (
             f" Extra memory: peak growth of one forward + backward (K ≥ {MEMORY_MIN_K}), as a multiple of the "

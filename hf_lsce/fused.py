@@ -19,11 +19,12 @@ gradient, in the logits' dtype, or none at all with ``inplace_backward=True``, w
 logits' own buffer. The backward pass only scales the stored gradient by the incoming one, and skips even that for
 a scalar 1 (``loss.backward()``).
 
-Threads: on CPU the chunks are shared out to a small pool of Python threads, each running PyTorch single-threaded.
-Letting every small operation fork and join PyTorch's own OpenMP threads costs a barrier per operation, and a
-barrier waits for the slowest core; whole chunks per thread need no barrier, and a thread slowed by another process
-simply takes fewer chunks. Other devices run the chunks in order (their kernels are
-asynchronous: nothing in the loop waits for the device).
+Threads: on CPU, when there are many chunks (`MIN_CHUNKS_PER_THREAD`), they are shared out to a small pool of
+Python threads, each running PyTorch single-threaded. Letting every operation fork and join PyTorch's own OpenMP
+threads costs a barrier per operation, and a barrier waits for the slowest core; whole chunks per thread need no
+barrier, and a thread slowed by another process simply takes fewer chunks. With few chunks, PyTorch's own threads
+cost less. Other devices run the chunks in order (their kernels are asynchronous: nothing in the loop waits for
+the device).
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ from torch import Tensor
 # last-level cache. On the project's 2-core EPYC VM (1 MiB L2 per core, 32 MiB L3), N = 4096, K = 32768, fp32, in
 # place: 128 KiB chunks 690 ms, 512 KiB 245 ms, 2 MiB 155 ms, 8 MiB 205 ms (ad-hoc runs, medians of 4).
 DEFAULT_CHUNK_BYTES = 1 << 21
+
+# The thread pool takes over from PyTorch's own threads from this many chunks per thread. N = 4096, 2 MiB chunks, the
+# 2-core VM, pool / PyTorch's threads (ad-hoc runs): K = 1024 (8 chunks) 11.7 / 8.0 ms; K = 4096 bf16 (32 chunks)
+# 28 / 25 ms; K = 8192 (64 chunks) 49 / 60 ms; K = 32768 (256 chunks) 213 / 301 ms.
+MIN_CHUNKS_PER_THREAD = 16
 
 # Below this many classes `implementation="auto"` keeps the reference path, PyTorch's own kernel for the common
 # options, whose fixed cost is lower. Forward + backward, N = 4096, eps = 0.1, class weights, as a multiple of
@@ -333,7 +339,8 @@ def _softmax_into(x: Tensor, z: Tensor) -> None:
 def _run_chunks(starts: range, work, device: torch.device) -> None:
     """Calls ``work(iterable of chunk starts)`` on as many threads as PyTorch uses (CPU), sharing the chunks out."""
     workers = min(torch.get_num_threads(), len(starts)) if device.type == "cpu" else 1
-    if workers <= 1:
+    # Few chunks: PyTorch's own threads, which split each operation, cost less than handing out whole chunks.
+    if workers <= 1 or len(starts) < MIN_CHUNKS_PER_THREAD * workers:
         work(starts)
         return
     # A queue, not a static split: a thread slowed by another process just takes fewer chunks.

@@ -65,7 +65,7 @@ def _use_fused(implementation: str, input: Tensor, target: Tensor, weight, norma
     if implementation != "auto":
         return implementation == "fused"
     # Measured, and so chosen by default, on CPU only (no GPU was available to this project); "fused" works anywhere.
-    if not inplace_backward and not (input.is_cpu and input.shape[-1] >= FUSED_MIN_CLASSES):
+    if input.shape[-1] < FUSED_MIN_CLASSES or not (input.is_cpu or inplace_backward):
         return False
     # The fused path gives no gradient to the target, the weights or the normalizer.
     return not (target.requires_grad or any(isinstance(t, Tensor) and t.requires_grad for t in (weight, normalizer)))
@@ -274,19 +274,19 @@ def label_smoothed_cross_entropy(
             trusted.
         implementation (`str`, *optional*, defaults to `"auto"`): ``"reference"``: the expression above, through
             PyTorch's own ``F.cross_entropy`` kernel where it computes this loss (class indices, ``weight_mode=
-            "torch"`` or no weights; ``label_smoothing = b * K``, summed, then divided as described).
+            "torch"`` or no weights; ``label_smoothing = b * K``; its own mean when that is finite).
             ``"fused"``: `hf_lsce.fused`, rows processed in small chunks that compute the loss and the gradient in
             one pass; extra memory is the gradient alone, no fp32 copy of fp16/bf16 logits; no gradient for
-            ``target``, ``weight`` or ``normalizer``. ``"auto"``: fused for CPU logits with at least
-            ``hf_lsce.fused.FUSED_MIN_CLASSES`` classes (or with ``inplace_backward=True``, on any device) when only
-            ``input`` requires grad. The fused path is plain PyTorch and runs on any device, but it was measured
+            ``target``, ``weight`` or ``normalizer``. ``"auto"``: fused for logits with at least
+            ``hf_lsce.fused.FUSED_MIN_CLASSES`` classes on CPU (with ``inplace_backward=True``, on any device) when
+            only ``input`` requires grad. The fused path is plain PyTorch and runs on any device, but it was measured
             and tested on CPU only; on GPUs ``"auto"`` keeps the reference path unless asked. Both give the same
             values up to floating-point rounding.
         inplace_backward (`bool`, *optional*, defaults to `False`): fused path only: write the input's gradient
             into the input's own buffer during the forward pass, so the loss needs no extra memory of the logits'
             size. **The logits tensor is overwritten and must not be used afterwards** (nor be saved for backward
             by the operation that produced it: autograd then raises). Logits are only overwritten when a gradient
-            is needed.
+            is needed and the fused path runs (with ``"auto"``, from ``FUSED_MIN_CLASSES`` classes).
 
     Returns:
         `torch.Tensor`: 0-d for ``"mean"`` and ``"sum"``, the positions' shape for ``"none"``; fp32 (fp64 for fp64

@@ -80,17 +80,25 @@ def test_normalizer_and_large_class_count(chunk_bytes):
         torch.testing.assert_close(actual[1].double(), truth[1], rtol=1e-5, atol=1e-7)
 
 
-def test_same_result_on_one_or_several_threads(chunk_bytes):
-    chunk_bytes(4 * 512 * 4)
+@pytest.mark.parametrize("rows_per_chunk, pooled", [(1, True), (26, False)])
+def test_same_result_on_one_or_several_threads(chunk_bytes, monkeypatch, rows_per_chunk, pooled):
+    """103 chunks go to the thread pool, 4 to PyTorch's own threads; either way as on one thread, bit for bit."""
+    chunk_bytes(rows_per_chunk * 512 * 4)
     logits, target, weight = make_batch(103, 512, dtype=torch.float32)
+    pools = []
+    monkeypatch.setattr(
+        hf_lsce.fused, "_pool", lambda workers, real=hf_lsce.fused._pool: pools.append(1) or real(workers)
+    )
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = loss_and_grad(fused, logits, target, weight, label_smoothing=0.1, reduction="none")
+        assert not pools
         torch.set_num_threads(max(2, threads))
         several = loss_and_grad(fused, logits, target, weight, label_smoothing=0.1, reduction="none")
     finally:
         torch.set_num_threads(threads)
+    assert bool(pools) == pooled
     assert torch.equal(one[0], several[0]) and torch.equal(one[1], several[1])
 
 
@@ -138,6 +146,18 @@ def test_inplace_backward_overwrites_the_logits_buffer():
     loss.backward()
     assert x.grad.data_ptr() == x.data_ptr()
     torch.testing.assert_close(x.grad, loss_and_grad(reference, logits, target, weight, label_smoothing=0.1)[1])
+
+
+def test_inplace_backward_below_the_fused_threshold_keeps_the_logits():
+    """With implementation="auto", few classes take the reference path, which pays less and writes nothing."""
+    k = hf_lsce.fused.FUSED_MIN_CLASSES
+    for num_classes, overwritten in ((k - 1, False), (k, True)):
+        logits, target, weight = make_batch(9, num_classes, dtype=torch.float32)
+        x = logits.clone().requires_grad_(True)
+        label_smoothed_cross_entropy(x, target, weight, label_smoothing=0.1, inplace_backward=True).backward()
+        assert (x.grad.data_ptr() == x.data_ptr()) == overwritten
+        assert torch.equal(x.detach(), logits) != overwritten
+        torch.testing.assert_close(x.grad, loss_and_grad(reference, logits, target, weight, label_smoothing=0.1)[1])
 
 
 def test_inplace_backward_leaves_logits_alone_without_gradient():

@@ -10,9 +10,9 @@ factors ``u_c = v_c q_c`` of `hf_lsce.loss`'s module docstring (``U = sum_c u_c`
     loss = -sum_c u_c (x_c - lse) = U lse - sum_c u_c x_c        d loss / dx = U p - u
 
 For class-index targets ``u = v * (a one_hot(y) + b)`` has a closed form, so a chunk needs ``x_y``, one sum (or one
-product with the weights) over the classes and the softmax, computed in place. ``lse`` comes for free from the
-softmax: at the row's maximum ``m``, ``p_max = exp(m - lse)`` is at least ``1 / K``, so ``lse = m - log(p_max)``
-loses nothing to underflow.
+product with the weights) over the classes and the softmax, computed in place. ``lse`` comes almost for free: with
+the row's maximum ``m`` and the softmax's largest value ``p_max = exp(m - lse)``, at least ``1 / K`` (two reductions
+without indices), ``lse = m - log(p_max)`` loses nothing to underflow.
 
 Memory: the chunks are small (reused by the allocator: no new page faults), so the only full-size tensor is the
 gradient, in the logits' dtype, or none at all with ``inplace_backward=True``, which writes the gradient into the

@@ -147,8 +147,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
         if need_grad:
             # The gradient's per-row factors, scaled once here rather than per chunk.
             s = 1 if scale is None else scale
-            factors = [terms["total"] * s, -terms["picked"] * s, None if b == 0 else terms["spread"] * s]
-            factors = [None if f is None else f[:, None] for f in factors]
+            spread_factor = None if b == 0 else (terms["spread"] * s)[:, None]
+            factors = ((terms["total"] * s)[:, None], (-terms["picked"] * s)[:, None], spread_factor)
 
         x = input.detach().reshape(-1, num_classes)
         num_rows = x.shape[0]

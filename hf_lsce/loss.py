@@ -37,9 +37,7 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 def _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index) -> None:
     """Checks the arguments that do not depend on tensors; shared by the function and the module."""
-    if type(label_smoothing) is not float and (  # the common case first: this runs on every call
-        isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
-    ):
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
         raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")

@@ -28,6 +28,7 @@ from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
 from hf_lsce.class_weights import check_class_weights, compute_class_weights
+from hf_lsce.fused import empty_cache
 from hf_lsce.loss import label_smoothed_cross_entropy, mean_denominator
 from hf_lsce.training_args import check_no_double_smoothing, check_smoothing_options
 
@@ -402,6 +403,9 @@ class SmoothingTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`; when resuming, balanced class weights are read back from the checkpoint.
 
+        On return, the CPU memory that the fused loss keeps for its next gradient is released
+        (`hf_lsce.fused.empty_cache`).
+
         Weights computed with ``"balanced"`` are replaced by the checkpoint's, so a resumed run optimizes the same
         loss even if the training set changed. Explicitly given weights are kept (with a warning if they differ).
         """
@@ -415,6 +419,8 @@ class SmoothingTrainer(Trainer):
         finally:
             # A later direct `compute_loss` call must not divide by the last window's sum.
             self._window_denominator = None
+            # The fused path keeps the last gradient's memory for the next step; training is over.
+            empty_cache()
 
     def _load_class_weights(self, checkpoint: str | os.PathLike) -> None:
         path = os.path.join(checkpoint, CLASS_WEIGHTS_NAME)

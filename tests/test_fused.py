@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -261,6 +263,70 @@ def test_backward_twice_needs_retain_graph():
     torch.testing.assert_close(x.grad, 2 * first)
     with pytest.raises(RuntimeError, match="already used by a backward pass"):
         loss.backward()
+
+
+def test_gradient_memory_is_reused_only_once_nothing_holds_it():
+    hf_lsce.fused.empty_cache()
+    logits, target, weight = make_batch(16, 300, dtype=torch.float32)
+    expected = loss_and_grad(reference, logits, target, weight, label_smoothing=0.1)[1]
+
+    def step():
+        x = logits.clone().requires_grad_(True)
+        fused(x, target, weight, label_smoothing=0.1).backward()
+        torch.testing.assert_close(x.grad, expected)
+        return x.grad
+
+    first = step()
+    spare = hf_lsce.fused._SPARE
+    assert first.untyped_storage().data_ptr() == spare.data_ptr()
+    # Still referenced (a leaf's .grad, then only a view of it): a second buffer, the first left intact.
+    second = step()
+    assert second.untyped_storage().data_ptr() != spare.data_ptr()
+    view = first[3]
+    del first
+    third = step()
+    assert third.untyped_storage().data_ptr() != view.untyped_storage().data_ptr()
+    torch.testing.assert_close(view, expected[3])
+    # Released: the spare (the latest buffer) is written again, and its gradient is right.
+    spare = hf_lsce.fused._SPARE
+    del second, third, view
+    reused = step()
+    assert hf_lsce.fused._SPARE is spare and reused.untyped_storage().data_ptr() == spare.data_ptr()
+    del reused
+    # A smaller gradient fits into the spare; a larger one replaces it.
+    x = logits[:4].clone().requires_grad_(True)
+    fused(x, target[:4], weight).backward()
+    assert hf_lsce.fused._SPARE is spare and x.grad.untyped_storage().data_ptr() == spare.data_ptr()
+    del x
+    hf_lsce.fused.empty_cache()
+    assert hf_lsce.fused._SPARE is None
+    step()
+    assert hf_lsce.fused._SPARE is not spare
+
+
+def test_gradient_buffers_of_concurrent_calls_are_distinct():
+    """Threads computing losses at once (each keeping every gradient) never share a buffer."""
+    batches = [make_batch(32, 300, dtype=torch.float32, seed=seed) for seed in range(4)]
+    expected = [loss_and_grad(reference, *batch, label_smoothing=0.1)[1] for batch in batches]
+    barrier = threading.Barrier(len(batches))
+
+    def run(index):
+        logits, target, weight = batches[index]
+        barrier.wait()
+        grads = []
+        for _ in range(10):
+            x = logits.clone().requires_grad_(True)
+            fused(x, target, weight, label_smoothing=0.1).backward()
+            grads.append(x.grad)
+        return grads
+
+    with ThreadPoolExecutor(len(batches)) as pool:
+        results = list(pool.map(run, range(len(batches))))
+    pointers = {grad.untyped_storage().data_ptr() for grads in results for grad in grads}
+    assert len(pointers) == 10 * len(batches)
+    for grads, grad in zip(results, expected):
+        for result in grads:
+            torch.testing.assert_close(result, grad)
 
 
 def test_inference_mode_empty_and_non_contiguous_input():

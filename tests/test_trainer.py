@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import transformers
 from packaging import version
 
-from hf_lsce import SmoothingTrainer
+import hf_lsce.fused
+from hf_lsce import SmoothingTrainer, label_smoothed_cross_entropy
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -223,3 +224,11 @@ def test_direct_call_outside_training_is_the_batch_mean(tmp_path):
     )
     torch.testing.assert_close(loss, expected)
     assert "labels" in batch  # the caller's dict is left alone
+
+
+def test_training_releases_the_fused_gradient_memory(tmp_path):
+    x = torch.randn(4, 300, requires_grad=True)
+    label_smoothed_cross_entropy(x, torch.arange(4), implementation="fused").backward()
+    assert hf_lsce.fused._SPARE is not None
+    tasks.run("seq_cls", tmp_path, 8, 1)
+    assert hf_lsce.fused._SPARE is None

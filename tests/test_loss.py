@@ -447,6 +447,16 @@ TARGET = torch.tensor([0, 2, -100, 1])
         (dict(weight=torch.tensor([1.0, -1.0, 1.0])), ValueError, "weight must be non-negative"),
         (dict(weight=torch.tensor([1.0, float("nan"), 1.0])), ValueError, "weight must be finite"),
         (dict(weight=torch.tensor([1, 2, 3])), TypeError, "weight must be a floating-point tensor"),
+        # More than 64 weights are checked through their minimum and maximum rather than read one by one.
+        *[
+            (
+                dict(input=torch.randn(4, 100), weight=torch.ones(100).index_fill(0, torch.tensor(70), bad)),
+                ValueError,
+                match,
+            )
+            for bad, match in [(-1.0, "non-negative"), (float("nan"), "finite"), (float("inf"), "finite")]
+        ],
+        (dict(weight=torch.tensor([1.0, float("inf"), 1.0])), ValueError, "weight must be finite"),
         (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\], got 1.5"),
         (dict(label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0, 1\], got -0.1"),
         (dict(label_smoothing="0.1"), TypeError, "label_smoothing must be a float"),

@@ -12,7 +12,9 @@ Method (see issue 5):
 3. Per case, the variants run interleaved in a rotating order, one warm-up each (discarded) then ``--rounds``
    rounds; each time is forward + backward of a fresh graph on leaf logits, averaged over back-to-back calls for
    the small cases (at least ``CALL_ELEMENTS`` logits per timing, at most 200 calls). Ratios to ``F.cross_entropy``
-   are taken within each round, then their median (and min / max) is reported.
+   are taken within each round, then their median (and min / max) is reported. On CPU hf_lsce's fused path writes
+   each gradient into the memory of the previous call's, as from a training run's second step on;
+   ``--release-memory`` frees it before every call, so that every call writes to fresh memory, as PyTorch's do.
 4. Peak extra memory: each (case, variant) runs once in a fresh subprocess, which resets the kernel's RSS
    high-water mark after building its inputs and reports the growth, as a multiple of the logits' size (the
    gradient of the logits counts: it is 1x for every non-in-place variant).
@@ -37,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import hf_lsce
+import hf_lsce.fused
 from hf_lsce import label_smoothed_cross_entropy
 
 RESULTS = Path(__file__).parent / "results"
@@ -202,14 +204,16 @@ def make_inputs(case, device, seed=0):
 # Measurements
 
 
-def run_once(fn, x, y, w, eps, inplace_source=None, calls=1):
-    """Seconds per forward + backward on leaf logits ``x`` (refilled from ``inplace_source`` first, untimed),
-    averaged over ``calls`` back-to-back calls."""
+def run_once(fn, x, y, w, eps, inplace_source=None, calls=1, before=None):
+    """Seconds per forward + backward on leaf logits ``x`` (refilled from ``inplace_source`` first, and ``before()``
+    called, untimed), averaged over ``calls`` back-to-back calls."""
     elapsed = 0.0
     for _ in range(calls):
         if inplace_source is not None:
             with torch.no_grad():
                 x.copy_(inplace_source)
+        if before is not None:
+            before()
         x.grad = None
         _sync(x.device)
         start = time.perf_counter()
@@ -240,7 +244,7 @@ def check(variant, case, device):
     return loss_err, grad_err
 
 
-def time_case(case, variants, rounds, device):
+def time_case(case, variants, rounds, device, release_memory=False):
     x0, y, w = make_inputs(case, device)
     eps = case["eps"]
     leaf = x0.clone().requires_grad_(True)
@@ -252,7 +256,8 @@ def time_case(case, variants, rounds, device):
         for v in order[round_ % len(order) :] + order[: round_ % len(order)]:
             inplace = v == "hf_lsce_inplace"
             x, source = (work, x0) if inplace else (leaf, None)
-            elapsed = run_once(variant_fn(v, case), x, y, w, eps, source, calls)
+            before = hf_lsce.fused.empty_cache if release_memory and v.startswith("hf_lsce") else None
+            elapsed = run_once(variant_fn(v, case), x, y, w, eps, source, calls, before)
             if round_:
                 times[v].append(elapsed)
     return times
@@ -394,6 +399,12 @@ def main():
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--output", type=Path, default=RESULTS / "bench_loss.json")
+    parser.add_argument(
+        "--release-memory",
+        action="store_true",
+        help="hf_lsce.fused.empty_cache() before every hf_lsce call (untimed): each call then writes its gradient to "
+        "fresh memory, as on a training run's first step, instead of the previous call's",
+    )
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
@@ -425,7 +436,7 @@ def main():
                 if v.startswith("hf_lsce"):
                     raise SystemExit(message)
                 print(f"note: {message} (a baseline's own rounding; recorded in its row)", flush=True)
-        times = time_case(case, variants, rounds, device)
+        times = time_case(case, variants, rounds, device, args.release_memory)
         floor_s = floor_seconds(floor, case)
         baseline = times.get("torch")
         line = [case_name(case)]
@@ -456,7 +467,12 @@ def main():
             line.append(f"{v} {row['seconds_median'] * 1e3:.1f} ms ({row.get('ratio_median', 1):.2f}x){mem}")
         print(" | ".join(line), flush=True)
         # After every case, so that an interrupted run keeps what it measured.
-        fields = dict(floor=floor, ignored_fraction=IGNORED_FRACTION, complete=case is all_cases[-1])
+        fields = dict(
+            floor=floor,
+            ignored_fraction=IGNORED_FRACTION,
+            release_memory=args.release_memory,
+            complete=case is all_cases[-1],
+        )
         write_record(args.output, "bench_loss", dict(info), started, rows, **fields)
 
 

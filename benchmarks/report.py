@@ -3,7 +3,8 @@
     python benchmarks/report.py                       # writes results/README_table.md and results/bench_loss.png
     python benchmarks/report.py --readme README.md    # ... and pastes the table into the README
 
-Reads ``bench_loss.json`` (required) and ``bench_trainer.json`` (when present), as written by the two benchmarks. With
+Reads ``bench_loss.json`` (required), ``bench_trainer.json`` and ``bench_loss_release_memory.json`` (``bench_loss.py
+--release-memory``; each when present), as written by the benchmarks. With
 ``--readme``, the text between ``<!-- results:performance -->`` and ``<!-- /results:performance -->`` is replaced by
 the generated table (by examples/compare_smoothing.py's `paste_into_readme`); both markers must be there, once each,
 in that order.
@@ -64,6 +65,18 @@ def ratio_cell(row: dict | None) -> str:
     return f"{row['ratio_median']:.2f} [{row['ratio_min']:.2f}–{row['ratio_max']:.2f}]"
 
 
+def case_cells(key: tuple, variants: dict[str, dict]) -> list[str]:
+    """N, K, ε, weights (and options) and PyTorch's time in ms."""
+    n, k, _, eps, weighted, options = key
+    torch_row = variants.get("torch")
+    torch_ms = "–" if torch_row is None or "skipped" in torch_row else f"{torch_row['seconds_median'] * 1e3:.1f}"
+    return [f"{n}", f"{k}", f"{eps:g}", ("yes" if weighted else "no") + (f", {options}" if options else ""), torch_ms]
+
+
+def floor_cell(row: dict | None) -> str:
+    return "–" if row is None or "x_floor" not in row else f"{row['x_floor']:.1f}"
+
+
 def memory_cell(variants: dict[str, dict], names: list[str]) -> str:
     values = []
     for name in names:
@@ -95,17 +108,10 @@ def loss_tables(record: dict) -> str:
         for key, variants in cases.items():
             if key[2] != dtype:
                 continue
-            n, k, _, eps, weighted, options = key
-            torch_row = variants.get("torch")
-            torch_ms = (
-                "–" if torch_row is None or "skipped" in torch_row else f"{torch_row['seconds_median'] * 1e3:.1f}"
-            )
-            hf_lsce = variants.get("hf_lsce")
-            x_floor = "–" if hf_lsce is None or "x_floor" not in hf_lsce else f"{hf_lsce['x_floor']:.1f}"
-            weights = ("yes" if weighted else "no") + (f", {options}" if options else "")
-            cells = [f"{n}", f"{k}", f"{eps:g}", weights, torch_ms]
+            k = key[1]
+            cells = case_cells(key, variants)
             cells += [ratio_cell(variants.get(name)) for name in columns]
-            cells.append(x_floor)
+            cells.append(floor_cell(variants.get("hf_lsce")))
             if has_memory:
                 cells.append(memory_cell(variants, memory_names) if k >= MEMORY_MIN_K else "")
             out.append("| " + " | ".join(cells) + " |")
@@ -136,6 +142,25 @@ def loss_tables(record: dict) -> str:
             else ""
         )
     )
+    return "\n".join(out)
+
+
+def fresh_memory_table(record: dict) -> str:
+    """hf_lsce when every call writes its gradient to fresh memory (``bench_loss.py --release-memory``), K >= 32768."""
+    cases = {key: variants for key, variants in group_cases(record["rows"]).items() if key[1] >= MEMORY_MIN_K}
+    out = [
+        "**Fresh gradient memory** (`--release-memory`: hf_lsce's memory released before every call, so that each "
+        "call writes its gradient to new pages, as on a training run's first step): time as a multiple of "
+        "`F.cross_entropy`'s, median [min–max] over rounds",
+        "",
+        "| dtype | N | K | ε | weights | torch ms | hf_lsce | hf_lsce in-place | hf_lsce × floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, variants in cases.items():
+        cells = [key[2], *case_cells(key, variants)]
+        cells += [ratio_cell(variants.get("hf_lsce")), ratio_cell(variants.get("hf_lsce_inplace"))]
+        cells.append(floor_cell(variants.get("hf_lsce")))
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -182,11 +207,13 @@ def machine_line(record: dict) -> str:
     )
 
 
-def markdown(loss_record: dict, trainer_record: dict | None) -> str:
+def markdown(loss_record: dict, trainer_record: dict | None, fresh_record: dict | None = None) -> str:
     parts = [loss_tables(loss_record)]
+    if fresh_record is not None:
+        parts.append(fresh_memory_table(fresh_record))
     if trainer_record is not None:
         parts.append(trainer_table(trainer_record))
-    records = [loss_record] + ([trainer_record] if trainer_record is not None else [])
+    records = [record for record in (loss_record, fresh_record, trainer_record) if record is not None]
     parts.append("\n\n".join(f"Measured by {machine_line(record)}." for record in records))
     return "\n\n".join(parts) + "\n"
 
@@ -272,6 +299,12 @@ def main():
     parser.add_argument(
         "--trainer", type=Path, default=RESULTS / "bench_trainer.json", help="bench_trainer.py's record, if present"
     )
+    parser.add_argument(
+        "--release-memory",
+        type=Path,
+        default=RESULTS / "bench_loss_release_memory.json",
+        help="bench_loss.py --release-memory's record, if present",
+    )
     parser.add_argument("--output-dir", type=Path, default=RESULTS, help="where README_table.md and the plot go")
     parser.add_argument("--readme", type=Path, help=f"paste the table between its results:{README_MARKER} markers")
     args = parser.parse_args()
@@ -281,7 +314,8 @@ def main():
     trainer_record = json.loads(args.trainer.read_text()) if args.trainer.is_file() else None
     if trainer_record is None:
         print(f"{args.trainer} not found: no trainer table", file=sys.stderr)
-    table = markdown(loss_record, trainer_record)
+    fresh_record = json.loads(args.release_memory.read_text()) if args.release_memory.is_file() else None
+    table = markdown(loss_record, trainer_record, fresh_record)
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "README_table.md").write_text(table)

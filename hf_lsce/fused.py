@@ -17,7 +17,8 @@ without indices), ``lse = m - log(p_max)`` loses nothing to underflow.
 Memory: the chunks are small (reused by the allocator: no new page faults), so the only full-size tensor is the
 gradient, in the logits' dtype, or none at all with ``inplace_backward=True``, which writes the gradient into the
 logits' own buffer. The backward pass only scales the stored gradient by the incoming one, and skips even that for
-a scalar 1 (``loss.backward()``).
+a scalar 1 (``loss.backward()``). On CPU the gradient's memory is kept and reused by the next call once nothing
+references it (`_gradient_buffer`), which saves the page faults of fresh memory; `empty_cache` releases it.
 
 Threads: on CPU, when there are many chunks (`MIN_CHUNKS_PER_THREAD`), they are shared out to a small pool of
 Python threads, each running PyTorch single-threaded. Letting every operation fork and join PyTorch's own OpenMP

@@ -276,7 +276,8 @@ def label_smoothed_cross_entropy(
             PyTorch's own ``F.cross_entropy`` kernel where it computes this loss (class indices, ``weight_mode=
             "torch"`` or no weights; ``label_smoothing = b * K``; its own mean when that is finite).
             ``"fused"``: `hf_lsce.fused`, rows processed in small chunks that compute the loss and the gradient in
-            one pass; extra memory is the gradient alone, no fp32 copy of fp16/bf16 logits; no gradient for
+            one pass; extra memory is the gradient alone (on CPU kept for the next call's gradient until
+            `hf_lsce.fused.empty_cache`), no fp32 copy of fp16/bf16 logits; no gradient for
             ``target``, ``weight`` or ``normalizer``. ``"auto"``: fused for logits with at least
             ``hf_lsce.fused.FUSED_MIN_CLASSES`` classes on CPU (with ``inplace_backward=True``, on any device) when
             only ``input`` requires grad. The fused path is plain PyTorch and runs on any device, but it was measured

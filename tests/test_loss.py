@@ -460,6 +460,9 @@ TARGET = torch.tensor([0, 2, -100, 1])
         (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\], got 1.5"),
         (dict(label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0, 1\], got -0.1"),
         (dict(label_smoothing="0.1"), TypeError, "label_smoothing must be a float"),
+        (dict(label_smoothing=True), TypeError, "label_smoothing must be a float"),
+        (dict(ignore_index=True), TypeError, "ignore_index must be an int"),
+        (dict(normalizer=True), TypeError, "normalizer must be a number or a 0-d tensor"),
         (dict(reduction="avg"), ValueError, "reduction must be one of 'mean', 'sum', 'none', got 'avg'"),
         (dict(smoothing_style="fairseq"), ValueError, "smoothing_style must be one of 'uniform', 'off_target'"),
         (dict(weight_mode="class"), ValueError, "weight_mode must be one of 'torch', 'example', got 'class'"),
@@ -513,3 +516,13 @@ def test_validate_false_skips_value_checks(lsce):
 def test_module_rejects_bad_arguments_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LabelSmoothedCrossEntropyLoss(**kwargs)
+
+
+def test_numpy_scalars_are_accepted_as_options(lsce):
+    np = pytest.importorskip("numpy")
+    logits, target = torch.randn(6, 4), torch.tensor([0, 3, -100, 1, 2, -100])
+    expected = lsce(logits, target, label_smoothing=0.25, normalizer=3.0)
+    given = lsce(
+        logits, target, ignore_index=np.int64(-100), label_smoothing=np.float32(0.25), normalizer=np.float64(3)
+    )
+    torch.testing.assert_close(given, expected)

@@ -8,11 +8,12 @@ untouched; only the confidence moves. With ``T = 1`` the model is unchanged, whi
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from hf_lsce.loss import _is_real
 
 # The search runs on log T within these bounds: T in [exp(-7), exp(7)] ~ [1e-3, 1e3] covers every sane model,
 # and bounding keeps a degenerate fit (e.g. all validation predictions correct, where NLL keeps falling as T -> 0)
@@ -108,7 +109,7 @@ def apply_temperature(logits, temperature: float):
     Returns:
         The scaled logits, of the input's type (`np.ndarray` or `torch.Tensor`).
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+    if not _is_real(temperature) or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if isinstance(logits, torch.Tensor):
         return logits / temperature

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
+
+from hf_lsce.loss import _is_integer
 
 CLASS_WEIGHT_METHODS = ("balanced",)
 
@@ -16,7 +17,7 @@ def _flatten_labels(labels: Tensor | Iterable) -> Tensor:
     """Turns a tensor, array or (nested, ragged) list of integer labels into one flat int64 tensor."""
     if isinstance(labels, (str, bytes)) or (isinstance(labels, Tensor) and labels.is_floating_point()):
         raise TypeError(f"labels must hold integer class indices, got {labels!r}")
-    if isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
+    if _is_integer(labels):
         return torch.tensor([int(labels)])
     try:
         # Flat or rectangular input converts in one call; ragged token labels fall through to one call per example.
@@ -60,7 +61,7 @@ def compute_class_weights(
     """
     if method not in CLASS_WEIGHT_METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, CLASS_WEIGHT_METHODS))}, got {method!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
+    if not _is_integer(num_classes) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     flat = _flatten_labels(labels)
     flat = flat[flat != ignore_index]

@@ -91,8 +91,7 @@ def _check_weight(weight: Tensor | None, num_classes: int | None, validate: bool
         return
     # A few weights are read at once (one host read costs less than a reduction and two reads: ~15 us of a 250 us
     # call at K = 2); more are reduced to their minimum and maximum, which NaN propagates through.
-    small = weight.numel() <= 64
-    values = weight.tolist() if small else [value.item() for value in torch.aminmax(weight.detach())]
+    values = weight.tolist() if weight.numel() <= 64 else [value.item() for value in torch.aminmax(weight.detach())]
     if not all(0 <= value < math.inf for value in values):  # NaN fails every comparison
         if not torch.isfinite(weight).all():
             raise ValueError(f"weight must be finite, got {weight.tolist()}")

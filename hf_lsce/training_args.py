@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
 from hf_lsce.class_weights import check_class_weights
-from hf_lsce.loss import SMOOTHING_STYLES, WEIGHT_MODES, _check_choice
+from hf_lsce.loss import SMOOTHING_STYLES, WEIGHT_MODES, _check_choice, _is_real
 
 
 def check_smoothing_options(label_smoothing: object, smoothing_style: object, weight_mode: object) -> None:
     """Raises a ValueError naming the option, its allowed values and the value received."""
-    if (
-        isinstance(label_smoothing, bool)
-        or not isinstance(label_smoothing, numbers.Real)
-        or not 0.0 <= float(label_smoothing) < 1.0
-    ):
+    if not _is_real(label_smoothing) or not 0.0 <= float(label_smoothing) < 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
     _check_choice("smoothing_style", smoothing_style, SMOOTHING_STYLES)
     _check_choice("weight_mode", weight_mode, WEIGHT_MODES)

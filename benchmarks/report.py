@@ -1,13 +1,13 @@
 """Markdown tables and a plot from the benchmark records in benchmarks/results/ (nothing here is typed by hand).
 
-    python benchmarks/report.py                       # writes results/README_table.md and results/bench_loss.png
-    python benchmarks/report.py --readme README.md    # ... and pastes the table into the README
+    python benchmarks/report.py                               # results/README_table.md, results/bench_loss.png
+    python benchmarks/report.py --readme docs/performance.md  # ... and pastes the table into that page
 
 Reads ``bench_loss.json`` (required), ``bench_trainer.json`` and ``bench_loss_release_memory.json`` (``bench_loss.py
---release-memory``; each when present), as written by the benchmarks. With
-``--readme``, the text between ``<!-- results:performance -->`` and ``<!-- /results:performance -->`` is replaced by
-the generated table (by examples/compare_smoothing.py's `paste_into_readme`); both markers must be there, once each,
-in that order.
+--release-memory``; each when present), as written by the benchmarks. With ``--readme PAGE`` (docs/performance.md
+holds the markers), the text between ``<!-- results:performance -->`` and ``<!-- /results:performance -->`` is
+replaced by the generated table (by examples/compare_smoothing.py's `paste_into_readme`); both markers must be there,
+once each, in that order.
 """
 
 from __future__ import annotations
@@ -306,7 +306,11 @@ def main():
         help="bench_loss.py --release-memory's record, if present",
     )
     parser.add_argument("--output-dir", type=Path, default=RESULTS, help="where README_table.md and the plot go")
-    parser.add_argument("--readme", type=Path, help=f"paste the table between its results:{README_MARKER} markers")
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        help=f"page to paste the table into (docs/performance.md), between its results:{README_MARKER} markers",
+    )
     args = parser.parse_args()
     if not args.loss.is_file():
         raise SystemExit(f"{args.loss} does not exist: run benchmarks/bench_loss.py first")

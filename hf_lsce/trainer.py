@@ -40,6 +40,18 @@ CLASS_WEIGHTS_NAME = "class_weights.json"
 DEFAULT_LABEL_SMOOTHING = 0.1
 
 
+def _warn_if_weights_reshape_smoothing(weight_mode: str, label_smoothing: float, class_weights: object) -> None:
+    if weight_mode == "torch" and label_smoothing > 0 and class_weights is not None:
+        logger.warning(
+            f"weight_mode='torch' with label_smoothing={label_smoothing} and class weights: as in "
+            "F.cross_entropy(weight=...), the weights also multiply each class's term of the smoothed target, so the "
+            "smoothing mass moves towards heavily weighted classes (for one example the loss is minimized at "
+            "p_c proportional to w_c * q_c, q the smoothed target), which can make a model predict the rarest class "
+            "everywhere. weight_mode='example' (the default) scales each example's loss by its class's weight and "
+            "keeps the smoothed target."
+        )
+
+
 class SmoothingTrainer(Trainer):
     """`transformers.Trainer` whose loss is `hf_lsce.label_smoothed_cross_entropy`, normalized over the full batch.
 
@@ -70,7 +82,7 @@ class SmoothingTrainer(Trainer):
     Args:
         model, args, **kwargs: as for `transformers.Trainer`. ``args`` may be a `SmoothingTrainingArguments` or a
             plain `TrainingArguments`; in the latter case the options below default to ``label_smoothing=0.1``,
-            ``"uniform"``, ``"torch"`` and no weights. A base ``label_smoothing_factor > 0`` is used as ``eps`` when
+            ``"uniform"``, ``"example"`` and no weights. A base ``label_smoothing_factor > 0`` is used as ``eps`` when
             ``label_smoothing`` is 0 or not given (`Trainer`'s own `LabelSmoother` never runs); both > 0 is an error.
         label_smoothing (`float`, *optional*): overrides ``args.label_smoothing``.
         smoothing_style (`str`, *optional*): overrides ``args.smoothing_style``.
@@ -109,7 +121,7 @@ class SmoothingTrainer(Trainer):
         self.smoothing_style = (
             smoothing_style if smoothing_style is not None else getattr(args, "smoothing_style", "uniform")
         )
-        self.weight_mode = weight_mode if weight_mode is not None else getattr(args, "weight_mode", "torch")
+        self.weight_mode = weight_mode if weight_mode is not None else getattr(args, "weight_mode", "example")
         check_smoothing_options(label_smoothing, self.smoothing_style, self.weight_mode)
         factor = getattr(args, "label_smoothing_factor", 0.0)
         explicit = label_smoothing_given or hasattr(args, "label_smoothing")
@@ -123,6 +135,7 @@ class SmoothingTrainer(Trainer):
         if class_weights is None:
             class_weights = getattr(args, "class_weights", None)
         class_weights = check_class_weights(class_weights)
+        _warn_if_weights_reshape_smoothing(self.weight_mode, self.label_smoothing, class_weights)
 
         super().__init__(model, args, *trainer_args, **kwargs)
         # `Trainer` builds a `LabelSmoother` from `label_smoothing_factor`; the smoothing above replaces it.

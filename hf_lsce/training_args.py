@@ -40,8 +40,10 @@ class SmoothingTrainingArguments(TrainingArguments):
             above 0 raises a ValueError.
         smoothing_style (`str`, *optional*, defaults to `"uniform"`): ``"uniform"`` (PyTorch, Transformers'
             `LabelSmoother`) or ``"off_target"`` (fairseq).
-        weight_mode (`str`, *optional*, defaults to `"torch"`): ``"torch"`` (``F.cross_entropy``'s semantics) or
-            ``"example"`` (each position's smoothed loss scaled by its true class's weight).
+        weight_mode (`str`, *optional*, defaults to `"example"`): ``"example"`` (each position's smoothed loss scaled
+            by its true class's weight: an example counts by its class's weight and the smoothed target stays what
+            ``label_smoothing`` says) or ``"torch"`` (``F.cross_entropy(weight=...)``'s semantics, in which the
+            weights also re-shape the smoothing mass towards heavily weighted classes).
         class_weights (`list[float]` or `str`, *optional*): one non-negative weight per class; ``"balanced"`` to
             compute ``w_c = n / (K * n_c)`` from the training set (see `hf_lsce.compute_class_weights`); None for
             no weights.
@@ -63,10 +65,11 @@ class SmoothingTrainingArguments(TrainingArguments):
         },
     )
     weight_mode: str = field(
-        default="torch",
+        default="example",
         metadata={
-            "help": "How class weights enter the smoothed loss: 'torch' (as F.cross_entropy(weight=...)) or "
-            "'example' (each position's whole loss scaled by the weight of its true class).",
+            "help": "How class weights enter the smoothed loss: 'example' (each position's whole loss scaled by the "
+            "weight of its true class; the default) or 'torch' (as F.cross_entropy(weight=...), which also moves the "
+            "smoothing mass towards heavily weighted classes).",
             "choices": list(WEIGHT_MODES),
         },
     )

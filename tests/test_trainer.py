@@ -51,6 +51,17 @@ def test_one_step_equals_full_batch(tmp_path, references, task, batch_size, grad
     _check_matches_reference(result, references[task])
 
 
+@pytest.mark.parametrize("task", ["seq_cls", "token_cls"])
+@pytest.mark.parametrize(("batch_size", "grad_accum"), [(8, 1), (2, 4)])
+def test_example_weight_mode_one_step_equals_full_batch(tmp_path, references, task, batch_size, grad_accum):
+    """The default weight_mode="example": sum of w[y_i] * smoothed loss_i / sum of w[y_i] over the full batch."""
+    reference = tasks.full_batch_reference(task, weight_mode="example")
+    # The two modes differ here, so matching one reference is not matching the other.
+    assert tasks.max_abs_diff(reference["params"], references[task]["params"]) > 1e-3
+    result = tasks.run(task, tmp_path, batch_size, grad_accum, args_kwargs={"weight_mode": "example"})
+    _check_matches_reference(result, reference)
+
+
 @pytest.mark.parametrize("task", tasks.TASKS)
 def test_negative_control_per_micro_batch_mean_fails(tmp_path, references, task):
     """The usual override (a weighted mean per micro-batch, ÷ accumulation steps) fails the same check."""

@@ -60,7 +60,7 @@ def test_arguments_defaults_and_help(tmp_path):
     assert (args.label_smoothing, args.smoothing_style, args.weight_mode, args.class_weights) == (
         0.1,
         "uniform",
-        "torch",
+        "example",
         None,
     )
     for name in ("label_smoothing", "smoothing_style", "weight_mode", "class_weights"):
@@ -169,7 +169,7 @@ def test_trainer_balanced_weights_need_every_class(tmp_path):
 def test_trainer_options_from_plain_arguments_and_overrides(tmp_path):
     model = _bert(num_labels=3)
     trainer = SmoothingTrainer(model=model, args=_plain_args(tmp_path))
-    assert (trainer.label_smoothing, trainer.smoothing_style, trainer.weight_mode) == (0.1, "uniform", "torch")
+    assert (trainer.label_smoothing, trainer.smoothing_style, trainer.weight_mode) == (0.1, "uniform", "example")
     assert trainer.class_weights is None and not trainer.shift_labels
     # The base factor alone keeps its meaning (uniform smoothing of that size) and no `LabelSmoother` runs as well.
     trainer = SmoothingTrainer(model=model, args=_plain_args(tmp_path, label_smoothing_factor=0.05))
@@ -216,3 +216,44 @@ def test_balanced_weights_for_causal_lm_count_shifted_labels(tmp_path):
     model.resize_token_embeddings(5)
     with pytest.raises(ValueError, match=r"classes \[0, 1, 3\] \(3 of 5\) have none"):
         SmoothingTrainer(model=model, args=_plain_args(tmp_path), train_dataset=data, class_weights="balanced")
+
+
+# ---- the torch-mode warning ----
+
+TORCH_MODE_WARNING = "smoothing mass moves towards heavily weighted classes"
+
+
+def _torch_mode_warnings(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if TORCH_MODE_WARNING in record.getMessage()]
+
+
+@pytest.mark.parametrize("through", ["keywords", "arguments"])
+@pytest.mark.parametrize("class_weights", [None, [1.0, 2.0, 3.0], "balanced"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("weight_mode", [None, "torch", "example"])
+def test_torch_mode_warning_only_when_weights_reshape_smoothing(
+    tmp_path, caplog, weight_mode, label_smoothing, class_weights, through
+):
+    options = {"label_smoothing": label_smoothing, "class_weights": class_weights}
+    if weight_mode is not None:
+        options["weight_mode"] = weight_mode
+    data = [{"input_ids": [2, 3], "label": 0}, {"input_ids": [4], "label": 1}, {"input_ids": [5], "label": 2}]
+    if through == "keywords":
+        args, kwargs = _plain_args(tmp_path), options
+    else:
+        args, kwargs = SmoothingTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **options), {}
+    with caplog.at_level("WARNING"):
+        SmoothingTrainer(model=_bert(num_labels=3), args=args, train_dataset=data, **kwargs)
+    warned = _torch_mode_warnings(caplog)
+    if weight_mode == "torch" and label_smoothing > 0 and class_weights is not None:
+        assert len(warned) == 1
+        assert "weight_mode='example'" in warned[0] and "p_c proportional to w_c * q_c" in warned[0]
+    else:
+        assert warned == []
+
+
+def test_torch_mode_warning_with_the_base_smoothing_factor(tmp_path, caplog):
+    args = _plain_args(tmp_path, label_smoothing_factor=0.2)
+    with caplog.at_level("WARNING"):
+        SmoothingTrainer(model=_bert(num_labels=3), args=args, weight_mode="torch", class_weights=[1.0, 2.0, 3.0])
+    assert len(_torch_mode_warnings(caplog)) == 1

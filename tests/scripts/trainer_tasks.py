@@ -166,6 +166,8 @@ def training_args(
         max_steps=steps, learning_rate=LEARNING_RATE, optim="sgd", lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
         seed=0, disable_tqdm=True, dataloader_num_workers=0, label_smoothing=EPSILON,
+        # The reference is `F.cross_entropy(weight=w, label_smoothing=eps)`, i.e. PyTorch's semantics.
+        weight_mode="torch",
     )  # fmt: skip
     defaults.update(kwargs)
     return SmoothingTrainingArguments(**defaults)
@@ -193,8 +195,11 @@ def run(task, output_dir, batch_size, grad_accum, *, trainer_cls=OrderedSmoothin
     return {"params": params, "training_loss": output.training_loss, "logged": logged, "trainer": trainer}
 
 
-def full_batch_reference(task, lengths=LENGTHS, weights=True, epsilon=EPSILON) -> dict:
-    """One SGD step on the whole batch, computed with `F.cross_entropy` directly: the truth every split must match."""
+def full_batch_reference(task, lengths=LENGTHS, weights=True, epsilon=EPSILON, weight_mode="torch") -> dict:
+    """One SGD step on the whole batch, computed with `F.cross_entropy` directly: the truth every split must match.
+
+    ``weight_mode="example"``: each position's unweighted smoothed loss times ``w[y]``, summed, over ``sum w[y]``.
+    """
     net = model(task)
     reference = copy.deepcopy(net)
     batch = collator(task)(examples(task, lengths))
@@ -204,7 +209,14 @@ def full_batch_reference(task, lengths=LENGTHS, weights=True, epsilon=EPSILON) -
     if task == "causal_lm":
         logits, labels = logits[..., :-1, :], labels[..., 1:]
     weight = torch.tensor(class_weights(task), dtype=torch.float64) if weights else None
-    loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), weight=weight, label_smoothing=epsilon)
+    logits, labels = logits.flatten(0, -2), labels.flatten()
+    if weight_mode == "example" and weight is not None:
+        per_position = F.cross_entropy(logits, labels, reduction="none", label_smoothing=epsilon)
+        counted = labels != -100
+        example_weight = weight[labels.clamp(min=0)] * counted
+        loss = (per_position * example_weight).sum() / example_weight.sum()
+    else:
+        loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=epsilon)
     loss.backward()
     with torch.no_grad():
         for p_ref, p in zip(reference.parameters(), net.parameters()):

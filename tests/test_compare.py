@@ -178,8 +178,18 @@ def test_paste_into_readme_replaces_only_the_marked_block(tmp_path):
 
 
 def test_report_only_without_records_says_so(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing to report"):
+    with pytest.raises(compare_smoothing.UsageError, match="--output_dir: no .* records under .*nothing to report"):
         compare_smoothing.main(["--output_dir", str(tmp_path), "--report_only"])
+
+
+def test_bad_grid_is_one_line_and_status_2(tmp_path):
+    config = _write_yaml(tmp_path / "grid.yaml", {"base_config": "a.yaml", "label_smothing": [0.1]})
+    command = [sys.executable, str(REPO / "examples" / "compare_smoothing.py"), "--config", str(config)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {config}: unknown keys ['label_smothing']; allowed: ['accelerate_config', ")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -238,9 +238,9 @@ def test_offline_glue_fails_fast_with_one_message(tmp_path):
         capture_output=True, text=True, env=offline_env(), timeout=120,
     )  # fmt: skip
     assert time.perf_counter() - start < 60
-    assert result.returncode == 1
+    assert result.returncode == 2
     message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: cannot load GLUE task 'sst2'")
+    assert message.startswith("error: --task_name: cannot load GLUE task 'sst2'")
     assert "--dataset rotten_tomatoes" in message and "--train_file" in message
     assert "Traceback" not in result.stderr
 
@@ -255,6 +255,164 @@ def test_unreachable_hub_fails_in_seconds(monkeypatch, tmp_path):
         glue.main(["--task_name", "mnli", "--output_dir", str(tmp_path)])
     common.hub_unreachable_reason.cache_clear()
     assert time.perf_counter() - start < 10
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: one line `error: <file or flag>: <problem>`, exit status 2, no traceback
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_in_child(main, args: list[str], tmp_path: Path) -> tuple[int, str]:
+    """Runs `common.run_cli(lambda: main(args))` in a forked process; returns its exit status and its stderr.
+
+    A fork, not a new interpreter: the scripts' imports (torch, transformers, datasets: ~8 s of CPU) are paid once
+    by the test process, yet each case has its own process, exit status and file descriptor 2.
+    """
+    import multiprocessing
+
+    stderr_path = tmp_path / f"stderr-{len(list(tmp_path.glob('stderr-*')))}.txt"
+
+    def child():
+        descriptor = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(descriptor, 2)
+        sys.stderr = open(2, "w", closefd=False)  # pytest's capture object is not file descriptor 2
+        common.run_cli(lambda: main(args))
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(timeout=120)
+    return process.exitcode, stderr_path.read_text()
+
+
+def check_one_line_error(status: int, stderr: str, expected: str) -> None:
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert status == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert len(errors) == 1, stderr[-3000:]
+    assert errors[0].startswith(expected), errors[0]
+
+
+GOOD_CSV = "text,label\ngood film,pos\nbad film,neg\nfine plot,pos\n"
+BAD_GLUE_INPUTS = {
+    # case: (train file content, validation file content, extra flags, expected start of the error line)
+    "empty file": ("", GOOD_CSV, [], "error: {train}: the file is empty"),
+    "header only": ("text,label\n", GOOD_CSV, [], "error: {train}: holds no rows"),
+    "empty text cell": (
+        "text,label\ngood,pos\n,neg\n",
+        GOOD_CSV,
+        [],
+        "error: {train}: row 2: empty text in column 'text'",
+    ),
+    "empty label cell": (
+        GOOD_CSV,
+        "text,label\ngood,pos\nbad,\n",
+        [],
+        "error: {validation}: row 2: empty label in column 'label'",
+    ),
+    "one class": (
+        "text,label\ngood,pos\nfine,pos\n",
+        GOOD_CSV,
+        [],
+        "error: {train}: column 'label' holds one class only ('pos')",
+    ),
+    "unknown label": (
+        GOOD_CSV,
+        "text,label\ngood,maybe\n",
+        [],
+        "error: {validation}: labels ['maybe'] do not occur in the training",
+    ),
+    "no such column": (
+        "review,label\ngood,pos\nbad,neg\n",
+        GOOD_CSV,
+        [],
+        "error: {train}: has no text column 'text'",
+    ),
+    "no label column": (
+        GOOD_CSV,
+        GOOD_CSV,
+        ["--label_column", "verdict"],
+        "error: {train}: has no label column 'verdict'",
+    ),
+    "no sample": (
+        GOOD_CSV,
+        GOOD_CSV,
+        ["--max_train_samples", "0"],
+        "error: --max_train_samples: must be a positive number",
+    ),
+    "missing file": (None, GOOD_CSV, [], "error: --train_file: {train} does not exist"),
+    "unsupported suffix": (
+        GOOD_CSV,
+        GOOD_CSV,
+        ["--validation_file", "dev.parquet"],
+        "error: --validation_file: dev.parquet must be a .csv",
+    ),
+    "output_dir is a file": (
+        GOOD_CSV,
+        GOOD_CSV,
+        ["--output_dir", "{train}"],
+        "error: --output_dir: {train} exists and is not a folder",
+    ),
+    "bad flag value": (
+        GOOD_CSV,
+        GOOD_CSV,
+        ["--num_train_epochs", "many"],
+        "error: --num_train_epochs: invalid float value: 'many'",
+    ),
+    "refused option": (
+        GOOD_CSV,
+        GOOD_CSV,
+        ["--label_smoothing", "1.5"],
+        "error: --label_smoothing: label_smoothing must be",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GLUE_INPUTS))
+def test_glue_bad_input_is_one_line_and_status_2(case, tmp_path):
+    train, validation, flags, expected = BAD_GLUE_INPUTS[case]
+    files = {"train": tmp_path / "train.csv", "validation": tmp_path / "validation.csv"}
+    for split, content in (("train", train), ("validation", validation)):
+        if content is not None:
+            files[split].write_text(content)
+    names = {split: str(path) for split, path in files.items()}
+    args = ["--train_file", names["train"], "--validation_file", names["validation"], "--output_dir", str(tmp_path)]
+    args += [flag.format(**names) for flag in flags]
+    status, stderr = run_in_child(glue.main, args, tmp_path)
+    check_one_line_error(status, stderr, expected.format(**names))
+
+
+def test_yaml_syntax_error_through_the_script(tmp_path):
+    # The script itself (its `__main__` path), not a fork: the same one line and status 2.
+    (tmp_path / "broken.yaml").write_text("dataset: sms_spam\nlabel_smoothing: [0.1\n")
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "glue.py"), "--config", str(tmp_path / "broken.yaml")],
+        capture_output=True, text=True, env=offline_env(), timeout=120,
+    )  # fmt: skip
+    check_one_line_error(result.returncode, result.stderr, f"error: {tmp_path / 'broken.yaml'}: not valid YAML: ")
+    assert "line 3, column 1" in result.stderr
+
+
+BAD_TOKEN_INPUTS = {
+    "tags do not match words": (
+        [{"tokens": ["Anna", "is"], "tags": ["B-PER"]}],
+        "error: {train}: row 1: 'tags' must hold one tag per word",
+    ),
+    "empty word list": ([{"tokens": [], "tags": []}], "error: {train}: row 1: 'tokens' must be a non-empty list"),
+    "one tag only": ([{"tokens": ["a", "b"], "tags": ["O", "O"]}], "error: {train}: 'tags' holds one tag only ('O')"),
+    "empty tag": ([{"tokens": ["Anna", "is"], "tags": ["B-PER", None]}], "error: {train}: row 1: an empty tag"),
+    "no tag column": ([{"tokens": ["Anna", "is"], "label": ["B-PER", "O"]}], "error: {train}: no tag column"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TOKEN_INPUTS))
+def test_token_classification_bad_input_is_one_line_and_status_2(case, tmp_path):
+    rows, expected = BAD_TOKEN_INPUTS[case]
+    files = {"train": tmp_path / "train.jsonl", "validation": tmp_path / "validation.jsonl"}
+    files["train"].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    files["validation"].write_text(json.dumps({"tokens": ["Anna", "is"], "tags": ["B-PER", "O"]}) + "\n")
+    args = ["--train_file", str(files["train"]), "--validation_file", str(files["validation"])]
+    status, stderr = run_in_child(token_classification.main, [*args, "--output_dir", str(tmp_path)], tmp_path)
+    check_one_line_error(status, stderr, expected.format(train=files["train"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -313,6 +471,26 @@ def test_glue_local_files_class_weights_in_process(tiny_model, tmp_path):
     assert record["config"]["class_weights"] == "balanced" and record["config"]["max_steps"] == 3
     assert arrays["validation_logits"].shape == (12, 2)
     assert math.isfinite(record["final"]["validation"]["mcc"])
+
+
+def test_glue_string_labels_in_the_default_label_column(tiny_model, tmp_path):
+    # The most common local layout: `text,label` with string labels. Writing ids into the string column `label`
+    # would keep its string type ("0", "1") and break the collator; the ids go to a new integer column instead.
+    rng = np.random.default_rng(5)
+    for split, size in (("train", 24), ("validation", 8)):
+        rows = [(sentiment_text(rng, bool(i % 2)), "positive" if i % 2 else "negative") for i in range(size)]
+        pd.DataFrame(rows, columns=["text", "label"]).to_csv(tmp_path / f"{split}.csv", index=False)
+    args = ["--model_name_or_path", tiny_model, "--train_file", str(tmp_path / "train.csv"), "--validation_file"]
+    args += [str(tmp_path / "validation.csv"), "--max_steps", "2", "--output_dir", str(tmp_path / "out")]
+    final = glue.main([*args, *FAST_TRAINING])
+    assert math.isfinite(final["validation"]["nll"])
+    record, arrays = read_record(tmp_path / "out")
+    assert arrays["validation_labels"].tolist() == [i % 2 for i in range(8)]  # negative 0, positive 1 (sorted)
+    splits, _, label_names = glue.load_local_files(glue.DataArguments(
+        train_file=str(tmp_path / "train.csv"), validation_file=str(tmp_path / "validation.csv")
+    ))  # fmt: skip
+    assert label_names == ["negative", "positive"]
+    assert splits["train"].features["label"].dtype == "int64"
 
 
 @pytest.mark.distributed

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hf_lsce.loss import _is_real
+from hf_lsce.checks import check_labels, is_real
 
 # The search runs on log T within these bounds: T in [exp(-7), exp(7)] ~ [1e-3, 1e3] covers every sane model,
 # and bounding keeps a degenerate fit (e.g. all validation predictions correct, where NLL keeps falling as T -> 0)
@@ -35,8 +35,7 @@ def _check_inputs(logits: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError("logits must hold at least one example, got N=0")
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("logits must be finite")
-    if bool(((labels < 0) | (labels >= logits.shape[1])).any()):
-        raise ValueError(f"labels must be class indices in [0, {logits.shape[1]})")
+    check_labels(labels, logits.shape[1], ignore_index=None)
 
 
 def temperature_nll(logits, labels, temperature: float) -> float:
@@ -109,7 +108,7 @@ def apply_temperature(logits, temperature: float):
     Returns:
         The scaled logits, of the input's type (`np.ndarray` or `torch.Tensor`).
     """
-    if not _is_real(temperature) or not temperature > 0:
+    if not is_real(temperature) or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if isinstance(logits, torch.Tensor):
         return logits / temperature

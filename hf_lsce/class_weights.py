@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from hf_lsce.loss import _is_integer
+from hf_lsce.checks import check_class_weight_values, check_labels, is_integer
 
 CLASS_WEIGHT_METHODS = ("balanced",)
 
@@ -17,7 +16,7 @@ def _flatten_labels(labels: Tensor | Iterable) -> Tensor:
     """Turns a tensor, array or (nested, ragged) list of integer labels into one flat int64 tensor."""
     if isinstance(labels, (str, bytes)) or (isinstance(labels, Tensor) and labels.is_floating_point()):
         raise TypeError(f"labels must hold integer class indices, got {labels!r}")
-    if _is_integer(labels):
+    if is_integer(labels):
         return torch.tensor([int(labels)])
     try:
         # Flat or rectangular input converts in one call; ragged token labels fall through to one call per example.
@@ -61,15 +60,13 @@ def compute_class_weights(
     """
     if method not in CLASS_WEIGHT_METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, CLASS_WEIGHT_METHODS))}, got {method!r}")
-    if not _is_integer(num_classes) or num_classes < 2:
+    if not is_integer(num_classes) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     flat = _flatten_labels(labels)
+    check_labels(flat, num_classes, ignore_index)
     flat = flat[flat != ignore_index]
     if flat.numel() == 0:
         raise ValueError(f"labels hold no class index (all are ignore_index={ignore_index}): cannot balance classes")
-    out_of_range = (flat < 0) | (flat >= num_classes)
-    if bool(out_of_range.any()):
-        raise ValueError(f"labels contain {int(flat[out_of_range][0])}, outside [0, {num_classes})")
     counts = torch.bincount(flat, minlength=num_classes).to(torch.float64)
     missing = (counts == 0).nonzero().flatten().tolist()
     if missing:
@@ -81,8 +78,11 @@ def compute_class_weights(
     return flat.numel() / (num_classes * counts)
 
 
-def check_class_weights(class_weights: object, field: str = "class_weights") -> list[float] | str | None:
-    """Validates a ``class_weights`` option: None, ``"balanced"``, or a list of finite non-negative numbers.
+def check_class_weights(
+    class_weights: object, field: str = "class_weights", source: str | None = None
+) -> list[float] | str | None:
+    """Validates a ``class_weights`` option: None, ``"balanced"``, or one finite non-negative number per class, not
+    all zero (`hf_lsce.checks.check_class_weight_values`). ``source`` (e.g. a file's path) is named in errors.
 
     Numbers given as strings (the command line gives ``["1.0", "2.5"]``) are converted. Returns the normalized value.
     """
@@ -103,15 +103,12 @@ def check_class_weights(class_weights: object, field: str = "class_weights") -> 
         try:
             if isinstance(value, bool):
                 raise TypeError
-            number = float(value)
+            values.append(float(value))
         except (TypeError, ValueError):
+            where = f"{source}: " if source else ""
             raise ValueError(
-                f'{field} must be None, "balanced" or a list of non-negative floats (one per class), '
+                f'{where}{field} must be None, "balanced" or a list of non-negative floats (one per class), '
                 f"got {class_weights!r}"
             ) from None
-        if not math.isfinite(number) or number < 0:
-            raise ValueError(f"{field} must be finite and non-negative, got {class_weights!r}")
-        values.append(number)
-    if len(values) < 2:
-        raise ValueError(f"{field} needs one weight per class (at least 2), got {class_weights!r}")
+    check_class_weight_values(values, name=field, source=source)
     return values

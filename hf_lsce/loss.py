@@ -16,50 +16,40 @@ Both are ``q = a * one_hot(y) + b`` with ``a = 1 - eps'`` and ``b = eps' / K``, 
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hf_lsce.checks import (
+    IGNORE_INDEX,
+    IMPLEMENTATIONS,
+    REDUCTIONS,
+    SMOOTHING_STYLES,
+    WEIGHT_MODES,
+    check_choice,
+    check_class_weight_values,
+    check_labels,
+    check_number,
+    describe,
+    is_integer,
+    is_real,
+)
 from hf_lsce.fused import FUSED_MIN_CLASSES, fused_cross_entropy
-
-IMPLEMENTATIONS = ("auto", "reference", "fused")
-REDUCTIONS = ("mean", "sum", "none")
-SMOOTHING_STYLES = ("uniform", "off_target")
-WEIGHT_MODES = ("torch", "example")
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
-
-
-def _is_real(value: object) -> bool:
-    """A real number that is not a bool. The exact-type test first: the ABC check costs microseconds per call."""
-    return type(value) in (float, int) or (not isinstance(value, bool) and isinstance(value, numbers.Real))
-
-
-def _is_integer(value: object) -> bool:
-    """An integer that is not a bool (exact type first, as in `_is_real`)."""
-    return type(value) is int or (not isinstance(value, bool) and isinstance(value, numbers.Integral))
 
 
 def _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index) -> None:
     """Checks the arguments that do not depend on tensors; shared by the function and the module."""
-    if not _is_real(label_smoothing):
-        raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    _check_choice("reduction", reduction, REDUCTIONS)
-    _check_choice("smoothing_style", smoothing_style, SMOOTHING_STYLES)
-    _check_choice("weight_mode", weight_mode, WEIGHT_MODES)
-    if not _is_integer(ignore_index):
+    check_number("label_smoothing", label_smoothing, low=0, high=1)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("smoothing_style", smoothing_style, SMOOTHING_STYLES)
+    check_choice("weight_mode", weight_mode, WEIGHT_MODES)
+    if not is_integer(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
 def _check_implementation(implementation: str, inplace_backward: bool) -> None:
-    _check_choice("implementation", implementation, IMPLEMENTATIONS)
+    check_choice("implementation", implementation, IMPLEMENTATIONS)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     if inplace_backward and implementation == "reference":
@@ -83,25 +73,8 @@ def _check_weight(weight: Tensor | None, num_classes: int | None, validate: bool
     if weight is None:
         return
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor of shape (K,), got {_describe(weight)}")
-    if weight.dim() != 1 or (num_classes is not None and weight.shape[0] != num_classes):
-        expected = f"({num_classes},)" if num_classes is not None else "(K,)"
-        raise ValueError(f"weight must have shape {expected}, got {tuple(weight.shape)}")
-    if not validate or weight.numel() == 0:
-        return
-    # A few weights are read at once (one host read costs less than a reduction and two reads: ~15 us of a 250 us
-    # call at K = 2); more are reduced to their minimum and maximum, which NaN propagates through.
-    values = weight.tolist() if weight.numel() <= 64 else [value.item() for value in torch.aminmax(weight.detach())]
-    if not all(0 <= value < math.inf for value in values):  # NaN fails every comparison
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"weight must be finite, got {weight.tolist()}")
-        raise ValueError(f"weight must be non-negative, got {weight.tolist()}")
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
+        raise TypeError(f"weight must be a floating-point tensor of shape (K,), got {describe(weight)}")
+    check_class_weight_values(weight, num_classes, name="weight", read_values=validate)
 
 
 def _smoothing_coefficients(num_classes: int, label_smoothing: float, smoothing_style: str) -> tuple[float, float]:
@@ -119,7 +92,7 @@ def _compute_dtype(input: Tensor) -> torch.dtype:
 def _check_tensors(input: Tensor, target: Tensor) -> None:
     """Raises on logits or targets of the wrong type or shape (values: `_check_target_values`)."""
     if not isinstance(input, Tensor) or not input.is_floating_point():
-        raise TypeError(f"input must be a floating-point tensor of logits (..., K), got {_describe(input)}")
+        raise TypeError(f"input must be a floating-point tensor of logits (..., K), got {describe(input)}")
     if input.dim() == 0:
         raise ValueError("input must have at least one dimension (the classes, last), got a 0-d tensor")
     num_classes = input.shape[-1]
@@ -128,7 +101,7 @@ def _check_tensors(input: Tensor, target: Tensor) -> None:
     if not isinstance(target, Tensor) or target.dtype == torch.bool or target.is_complex():
         raise TypeError(
             "target must be an integer tensor of class indices or a floating-point tensor of probabilities, "
-            f"got {_describe(target)}"
+            f"got {describe(target)}"
         )
     if target.is_floating_point():
         if target.shape != input.shape:
@@ -148,25 +121,7 @@ def _check_target_values(target: Tensor, num_classes: int, ignore_index: int) ->
         if not bool(((target >= 0) & torch.isfinite(target)).all()):
             raise ValueError("probability target must be finite and non-negative")
         return
-    message = _bad_label(target, num_classes, ignore_index)
-    if message is not None:
-        raise ValueError(message)
-
-
-def _bad_label(target: Tensor, num_classes: int, ignore_index: int) -> str | None:
-    """What is wrong with the class-index ``target``'s labels, or None."""
-    if target.numel() == 0:
-        return None
-    # One pass settles the usual case, every label a class; a second one looks past ignore_index.
-    low, high = (value.item() for value in torch.aminmax(target))
-    if 0 <= low <= high < num_classes or low == high == ignore_index:
-        return None
-    counted = target.masked_fill(target == ignore_index, 0)
-    low, high = (value.item() for value in torch.aminmax(counted))
-    if 0 <= low <= high < num_classes:
-        return None
-    value = int(counted[(counted < 0) | (counted >= num_classes)].flatten()[0])
-    return f"target contains label {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}"
+    check_labels(target, num_classes, ignore_index, name="target")
 
 
 def _kernel_cross_entropy(x: Tensor, y: Tensor, w: Tensor | None, ignore_index: int, **options) -> Tensor:
@@ -174,10 +129,8 @@ def _kernel_cross_entropy(x: Tensor, y: Tensor, w: Tensor | None, ignore_index: 
     try:
         return F.cross_entropy(x, y, w, ignore_index=ignore_index, **options)
     except IndexError:
-        message = _bad_label(y, x.shape[-1], ignore_index)
-        if message is None:
-            raise
-    raise ValueError(message)
+        check_labels(y, x.shape[-1], ignore_index, name="target")
+        raise
 
 
 def _check_normalizer(normalizer, reduction: str, validate: bool) -> None:
@@ -188,17 +141,16 @@ def _check_normalizer(normalizer, reduction: str, validate: bool) -> None:
     if isinstance(normalizer, Tensor):
         if normalizer.dim() != 0:
             raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
-        if validate and not bool(normalizer > 0):
-            raise ValueError(f"normalizer must be > 0, got {normalizer.item()}")
-    elif _is_real(normalizer):
-        if not normalizer > 0:
-            raise ValueError(f"normalizer must be > 0, got {normalizer}")
+        if validate:
+            check_number("normalizer", normalizer.item(), low=0, low_open=True)
+    elif is_real(normalizer):
+        check_number("normalizer", normalizer, low=0, low_open=True)
     else:
-        raise TypeError(f"normalizer must be a number or a 0-d tensor, got {_describe(normalizer)}")
+        raise TypeError(f"normalizer must be a number or a 0-d tensor, got {describe(normalizer)}")
 
 
 def mean_denominator(
-    target: Tensor, weight: Tensor | None = None, ignore_index: int = -100, *, weight_mode: str = "torch"
+    target: Tensor, weight: Tensor | None = None, ignore_index: int = IGNORE_INDEX, *, weight_mode: str = "torch"
 ) -> Tensor:
     """What ``reduction="mean"`` divides by, as a 0-d float tensor.
 
@@ -215,7 +167,7 @@ def mean_denominator(
         ignore_index (`int`, *optional*, defaults to `-100`): label of positions that count nowhere.
         weight_mode (`str`, *optional*, defaults to `"torch"`): see `label_smoothed_cross_entropy`.
     """
-    _check_choice("weight_mode", weight_mode, WEIGHT_MODES)
+    check_choice("weight_mode", weight_mode, WEIGHT_MODES)
     dtype = weight.dtype if weight is not None and weight.dtype == torch.float64 else torch.float32
     if target.is_floating_point():
         if weight is None or weight_mode == "torch":
@@ -231,7 +183,7 @@ def label_smoothed_cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -416,7 +368,7 @@ class LabelSmoothedCrossEntropyLoss(nn.Module):
     def __init__(
         self,
         weight: Tensor | None = None,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,

@@ -24,6 +24,9 @@ from collections.abc import Sequence
 import datasets
 import evaluate
 import numpy as np
+import torch
+
+from hf_lsce.checks import check_labels
 
 __all__ = [
     "ClassificationMetric",
@@ -59,13 +62,10 @@ def _check_inputs(scores: np.ndarray, labels: np.ndarray, name: str) -> tuple[np
         raise ValueError(f"labels must have shape ({scores.shape[0]},) to match {name}, got shape {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
-    num_classes = scores.shape[1]
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(
-            f"labels must be in [0, {num_classes - 1}] for {num_classes} classes, got values in "
-            f"[{labels.min()}, {labels.max()}] (drop ignored positions such as -100 first)"
-        )
-    return scores, labels.astype(np.int64)
+    labels = labels.astype(np.int64)
+    # Ignored positions (-100) must be dropped by the caller: every label here is scored.
+    check_labels(torch.from_numpy(labels), scores.shape[1], ignore_index=None)
+    return scores, labels
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, *, n_bins: int = 15) -> dict[str, np.ndarray]:

@@ -27,6 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
+from hf_lsce.checks import DEFAULT_LABEL_SMOOTHING, IGNORE_INDEX, check_labels
 from hf_lsce.class_weights import check_class_weights, compute_class_weights
 from hf_lsce.fused import empty_cache
 from hf_lsce.loss import label_smoothed_cross_entropy, mean_denominator
@@ -34,10 +35,8 @@ from hf_lsce.training_args import check_no_double_smoothing, check_smoothing_opt
 
 logger = logging.get_logger(__name__)
 
-IGNORE_INDEX = -100
 # Written next to the model in every checkpoint (and by `save_model`), so that a resumed run uses the same weights.
 CLASS_WEIGHTS_NAME = "class_weights.json"
-DEFAULT_LABEL_SMOOTHING = 0.1
 
 
 def _warn_if_weights_reshape_smoothing(weight_mode: str, label_smoothing: float, class_weights: object) -> None:
@@ -275,13 +274,8 @@ class SmoothingTrainer(Trainer):
 
     def _check_label_range(self, targets: Tensor) -> None:
         # Once per window, so that `compute_loss` can skip the loss's own per-call value checks.
-        if self.num_classes is None or targets.is_floating_point():
-            return
-        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= self.num_classes))
-        if bool(bad.any()):
-            raise ValueError(
-                f"labels contain {int(targets[bad][0])}, outside [0, {self.num_classes}) and not {IGNORE_INDEX}"
-            )
+        if self.num_classes is not None and not targets.is_floating_point():
+            check_labels(targets, self.num_classes, IGNORE_INDEX)
 
     def compute_loss(
         self,

@@ -6,16 +6,15 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from hf_lsce.checks import DEFAULT_LABEL_SMOOTHING, SMOOTHING_STYLES, WEIGHT_MODES, check_choice, check_number
 from hf_lsce.class_weights import check_class_weights
-from hf_lsce.loss import SMOOTHING_STYLES, WEIGHT_MODES, _check_choice, _is_real
 
 
 def check_smoothing_options(label_smoothing: object, smoothing_style: object, weight_mode: object) -> None:
-    """Raises a ValueError naming the option, its allowed values and the value received."""
-    if not _is_real(label_smoothing) or not 0.0 <= float(label_smoothing) < 1.0:
-        raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
-    _check_choice("smoothing_style", smoothing_style, SMOOTHING_STYLES)
-    _check_choice("weight_mode", weight_mode, WEIGHT_MODES)
+    """Raises a ValueError (TypeError for a non-number) naming the option, what is allowed and the value received."""
+    check_number("label_smoothing", label_smoothing, low=0, high=1)
+    check_choice("smoothing_style", smoothing_style, SMOOTHING_STYLES)
+    check_choice("weight_mode", weight_mode, WEIGHT_MODES)
 
 
 def check_no_double_smoothing(label_smoothing: float, label_smoothing_factor: float) -> None:
@@ -35,7 +34,7 @@ class SmoothingTrainingArguments(TrainingArguments):
     (``--label_smoothing 0.1 --class_weights balanced`` or ``--class_weights 1.0 2.5``) and from YAML/JSON files.
 
     Args:
-        label_smoothing (`float`, *optional*, defaults to `0.1`): ``eps`` in [0, 1) of
+        label_smoothing (`float`, *optional*, defaults to `0.1`): ``eps`` in [0, 1] of
             `hf_lsce.label_smoothed_cross_entropy`. It replaces the base ``label_smoothing_factor``: setting both
             above 0 raises a ValueError.
         smoothing_style (`str`, *optional*, defaults to `"uniform"`): ``"uniform"`` (PyTorch, Transformers'
@@ -50,9 +49,9 @@ class SmoothingTrainingArguments(TrainingArguments):
     """
 
     label_smoothing: float = field(
-        default=0.1,
+        default=DEFAULT_LABEL_SMOOTHING,
         metadata={
-            "help": "Label smoothing epsilon in [0, 1) of SmoothingTrainer's loss (0 disables smoothing). "
+            "help": "Label smoothing epsilon in [0, 1] of SmoothingTrainer's loss (0 disables smoothing). "
             "Replaces label_smoothing_factor: do not set both."
         },
     )

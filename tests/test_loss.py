@@ -426,26 +426,27 @@ def test_module_matches_cross_entropy_loss_defaults():
 
 LOGITS = torch.randn(4, 3)
 TARGET = torch.tensor([0, 2, -100, 1])
+BAD_LABEL = r"^target must hold class indices in \[0, 3\) or ignore_index=-100, got "
 
 
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(target=torch.tensor([0, 3, 1, 1])), ValueError, r"label 3, outside \[0, 3\)"),
-        (dict(target=torch.tensor([0, -2, 1, 1])), ValueError, r"label -2, outside \[0, 3\)"),
+        (dict(target=torch.tensor([0, 3, 1, 1])), ValueError, BAD_LABEL + "3$"),
+        (dict(target=torch.tensor([0, -2, 1, 1])), ValueError, BAD_LABEL + "-2$"),
         # Beside padding, through PyTorch's kernel (each reduction) and through the general expression.
-        (dict(target=torch.tensor([0, 3, -100, 1])), ValueError, r"label 3, outside \[0, 3\)"),
-        (dict(target=torch.tensor([-5, -100, 1, 2]), reduction="sum"), ValueError, r"label -5, outside"),
-        (dict(target=torch.tensor([0, 3, -100, 1]), reduction="none"), ValueError, r"label 3, outside"),
+        (dict(target=torch.tensor([0, 3, -100, 1])), ValueError, BAD_LABEL + "3$"),
+        (dict(target=torch.tensor([-5, -100, 1, 2]), reduction="sum"), ValueError, r"got -5"),
+        (dict(target=torch.tensor([0, 3, -100, 1]), reduction="none"), ValueError, BAD_LABEL + "3$"),
         (
             dict(target=torch.tensor([0, 3, -100, 1]), weight=torch.ones(3), weight_mode="example"),
             ValueError,
-            "label 3",
+            "got 3",
         ),
-        (dict(weight=torch.ones(4)), ValueError, r"weight must have shape \(3,\), got \(4,\)"),
-        (dict(weight=torch.ones(3, 1)), ValueError, r"weight must have shape"),
-        (dict(weight=torch.tensor([1.0, -1.0, 1.0])), ValueError, "weight must be non-negative"),
-        (dict(weight=torch.tensor([1.0, float("nan"), 1.0])), ValueError, "weight must be finite"),
+        (dict(weight=torch.ones(4)), ValueError, r"weight must hold one weight per class \(3\), got shape \(4,\)"),
+        (dict(weight=torch.ones(3, 1)), ValueError, r"weight must hold one weight .* got shape \(3, 1\)"),
+        (dict(weight=torch.tensor([1.0, -1.0, 1.0])), ValueError, r"non-negative, got \[1.0, -1.0, 1.0\]"),
+        (dict(weight=torch.tensor([1.0, float("nan"), 1.0])), ValueError, "weight must be finite and non-negative"),
         (dict(weight=torch.tensor([1, 2, 3])), TypeError, "weight must be a floating-point tensor"),
         # More than 64 weights are checked through their minimum and maximum rather than read one by one.
         *[
@@ -457,10 +458,13 @@ TARGET = torch.tensor([0, 2, -100, 1])
             for bad, match in [(-1.0, "non-negative"), (float("nan"), "finite"), (float("inf"), "finite")]
         ],
         (dict(weight=torch.tensor([1.0, float("inf"), 1.0])), ValueError, "weight must be finite"),
-        (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\], got 1.5"),
-        (dict(label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0, 1\], got -0.1"),
-        (dict(label_smoothing="0.1"), TypeError, "label_smoothing must be a float"),
-        (dict(label_smoothing=True), TypeError, "label_smoothing must be a float"),
+        (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be a float in \[0, 1\], got 1.5"),
+        (dict(label_smoothing=-0.1), ValueError, r"label_smoothing must be a float in \[0, 1\], got -0.1"),
+        (dict(label_smoothing="0.1"), TypeError, r"label_smoothing must be a float in \[0, 1\], got '0.1'"),
+        (dict(label_smoothing=True), TypeError, r"label_smoothing must be a float in \[0, 1\], got True"),
+        (dict(label_smoothing=float("nan")), ValueError, r"label_smoothing must be a float in \[0, 1\], got nan"),
+        (dict(weight=torch.zeros(3)), ValueError, r"weight must not be all zero, got \[0.0, 0.0, 0.0\]"),
+        (dict(input=torch.randn(4, 100), weight=torch.zeros(100)), ValueError, r"weight must not be all zero"),
         (dict(ignore_index=True), TypeError, "ignore_index must be an int"),
         (dict(normalizer=True), TypeError, "normalizer must be a number or a 0-d tensor"),
         (dict(reduction="avg"), ValueError, "reduction must be one of 'mean', 'sum', 'none', got 'avg'"),
@@ -472,8 +476,8 @@ TARGET = torch.tensor([0, 2, -100, 1])
         (dict(target=-torch.rand(4, 3)), ValueError, "probability target must be finite and non-negative"),
         (dict(target=torch.tensor([0, 1, 2])), ValueError, r"target must have shape \(4,\).*got \(3,\)"),
         (dict(target=torch.tensor([True, False, True, True])), TypeError, "target must be an integer tensor"),
-        (dict(normalizer=0), ValueError, "normalizer must be > 0, got 0"),
-        (dict(normalizer=torch.tensor(-1.0)), ValueError, "normalizer must be > 0"),
+        (dict(normalizer=0), ValueError, r"normalizer must be a float > 0, got 0"),
+        (dict(normalizer=torch.tensor(-1.0)), ValueError, r"normalizer must be a float > 0, got -1.0"),
         (dict(normalizer=torch.ones(2)), ValueError, "normalizer must be a number or a 0-d tensor"),
         (dict(normalizer="3"), TypeError, "normalizer must be a number or a 0-d tensor"),
         (dict(normalizer=3, reduction="sum"), ValueError, "normalizer replaces the denominator of reduction='mean'"),
@@ -506,11 +510,11 @@ def test_validate_false_skips_value_checks(lsce):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(label_smoothing=2.0), r"label_smoothing must be in \[0, 1\], got 2.0"),
+        (dict(label_smoothing=2.0), r"label_smoothing must be a float in \[0, 1\], got 2.0"),
         (dict(reduction="batchmean"), "reduction must be one of"),
         (dict(smoothing_style="x"), "smoothing_style must be one of"),
         (dict(weight_mode="x"), "weight_mode must be one of"),
-        (dict(weight=torch.tensor([-1.0, 1.0])), "weight must be non-negative"),
+        (dict(weight=torch.tensor([-1.0, 1.0])), "weight must be finite and non-negative"),
     ],
 )
 def test_module_rejects_bad_arguments_at_construction(kwargs, match):

@@ -97,7 +97,7 @@ def test_reliability_bins_counts_add_up():
 
 
 def test_bad_inputs_raise():
-    with pytest.raises(ValueError, match="labels must be in"):
+    with pytest.raises(ValueError, match=r"labels must hold class indices in \[0, 2\), got -100"):
         classification_metrics(np.zeros((3, 2)), np.array([0, 1, -100]))
     with pytest.raises(ValueError, match=r"shape \(N, K\)"):
         classification_metrics(np.zeros(3), np.array([0, 1, 0]))

@@ -40,7 +40,7 @@ def test_balanced_weights_count_tokens_of_ragged_sequences():
     ("labels", "num_classes", "method", "match"),
     [
         ([0, 0, 2], 3, "balanced", r"classes \[1\] \(1 of 3\) have none"),
-        ([0, 5], 3, "balanced", r"labels contain 5, outside \[0, 3\)"),
+        ([0, 5], 3, "balanced", r"labels must hold class indices in \[0, 3\) or ignore_index=-100, got 5"),
         ([-100, -100], 3, "balanced", "hold no class index"),
         ([0, 1], 2, "inverse", r"method must be one of 'balanced', got 'inverse'"),
         ([0, 1], 1, "balanced", "num_classes must be an int >= 2, got 1"),
@@ -96,18 +96,22 @@ def test_arguments_parse_from_yaml(tmp_path, value, expected):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"label_smoothing": 1.5}, r"label_smoothing must be a float in \[0, 1\), got 1.5"),
-        ({"label_smoothing": "0.1"}, r"label_smoothing must be a float in \[0, 1\), got '0.1'"),
+        ({"label_smoothing": 1.5}, r"label_smoothing must be a float in \[0, 1\], got 1.5"),
+        ({"label_smoothing": "0.1"}, r"label_smoothing must be a float in \[0, 1\], got '0.1'"),
         ({"smoothing_style": "fairseq"}, "smoothing_style must be one of 'uniform', 'off_target', got 'fairseq'"),
         ({"weight_mode": "sample"}, "weight_mode must be one of 'torch', 'example', got 'sample'"),
         ({"class_weights": "inverse"}, r"class_weights must be None, \"balanced\" or a list .* got \['inverse'\]"),
         ({"class_weights": [1.0, -2.0]}, r"class_weights must be finite and non-negative, got \[1.0, -2.0\]"),
-        ({"class_weights": [1.0]}, r"class_weights needs one weight per class \(at least 2\), got \[1.0\]"),
+        ({"class_weights": [1.0]}, r"class_weights must hold one weight per class \(at least 2\), got \[1.0\]"),
+        ({"class_weights": [0.0, 0.0]}, r"class_weights must not be all zero, got \[0.0, 0.0\]"),
+        ({"class_weights": ["1.0", "nan"]}, r"class_weights must be finite and non-negative, got \[1.0, nan\]"),
         ({"label_smoothing_factor": 0.1}, "label_smoothing=0.1 and label_smoothing_factor=0.1 are both set"),
     ],
 )
 def test_arguments_errors(tmp_path, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    # A non-number is a TypeError, a number out of range a ValueError, as in the loss.
+    error = TypeError if kwargs.get("label_smoothing") == "0.1" else ValueError
+    with pytest.raises(error, match=match):
         SmoothingTrainingArguments(output_dir=str(tmp_path), report_to=[], **kwargs)
 
 
@@ -140,15 +144,16 @@ def _plain_args(tmp_path, **kwargs):
         ({"num_labels": 3}, {"class_weights": [1.0, 2.0]}, r"one weight per class of the model's head \(3\), got 2"),
         ({"num_labels": 3}, {"class_weights": "balanced"}, "needs a map-style train_dataset"),
         ({"num_labels": 3}, {"class_weights": [1.0, 2.0, -1.0]}, "class_weights must be finite and non-negative"),
-        ({"num_labels": 3}, {"label_smoothing": 1.0}, r"label_smoothing must be a float in \[0, 1\), got 1.0"),
-        ({"num_labels": 3}, {"label_smoothing": "0.1"}, r"label_smoothing must be a float in \[0, 1\), got '0.1'"),
+        ({"num_labels": 3}, {"label_smoothing": 1.5}, r"label_smoothing must be a float in \[0, 1\], got 1.5"),
+        ({"num_labels": 3}, {"label_smoothing": "0.1"}, r"label_smoothing must be a float in \[0, 1\], got '0.1'"),
         ({"num_labels": 3}, {"smoothing_style": "x"}, "smoothing_style must be one of 'uniform', 'off_target'"),
         ({"num_labels": 3}, {"weight_mode": "x"}, "weight_mode must be one of 'torch', 'example', got 'x'"),
         ({"num_labels": 3}, {"shift_labels": "yes"}, r"shift_labels must be None \(detect\), True or False"),
     ],
 )
 def test_trainer_construction_errors(tmp_path, model_kwargs, trainer_kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    error = TypeError if trainer_kwargs.get("label_smoothing") == "0.1" else ValueError
+    with pytest.raises(error, match=match):
         SmoothingTrainer(model=_bert(**model_kwargs), args=_plain_args(tmp_path), **trainer_kwargs)
 
 

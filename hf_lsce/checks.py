@@ -1,0 +1,166 @@
+"""The option vocabulary and the argument checks every hf_lsce module shares.
+
+This module is the ground floor: it imports torch and the standard library only, so the loss, the trainer, the class
+weights and the evaluation helpers all build on it without depending on one another. Each rule lives here once, with
+one message: an error names the argument, what is allowed and the value received.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+# SmoothingTrainer's eps when nothing sets it (the loss function itself defaults to 0, as F.cross_entropy does).
+DEFAULT_LABEL_SMOOTHING = 0.1
+
+IMPLEMENTATIONS = ("auto", "reference", "fused")
+REDUCTIONS = ("mean", "sum", "none")
+SMOOTHING_STYLES = ("uniform", "off_target")
+WEIGHT_MODES = ("torch", "example")
+
+# Up to this many class weights are read to the host in one call; more are reduced to their minimum and maximum
+# first. One read costs less than a reduction and two reads (~15 us of a 250 us loss call at K = 2).
+_READ_WEIGHTS_AT_ONCE = 64
+_SHOWN_WEIGHTS = 8
+
+
+def describe(value: object) -> str:
+    """A short description of a received value for error messages: a tensor's dtype and shape, else its repr."""
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raises a ValueError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def is_real(value: object) -> bool:
+    """A real number that is not a bool. The exact-type test first: the ABC check costs microseconds per call."""
+    return type(value) in (float, int) or (not isinstance(value, bool) and isinstance(value, numbers.Real))
+
+
+def is_integer(value: object) -> bool:
+    """An integer that is not a bool (exact type first, as in `is_real`)."""
+    return type(value) is int or (not isinstance(value, bool) and isinstance(value, numbers.Integral))
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
+    """Raises unless ``value`` is a number (an int with ``integer=True``; never a bool) within the given bounds.
+
+    A value of the wrong type raises a TypeError, one out of range (NaN included) a ValueError; both read, e.g.,
+    ``label_smoothing must be a float in [0, 1], got 1.5``.
+    """
+    ok_type = is_integer(value) if integer else is_real(value)
+    if ok_type:
+        above = low is None or (value > low if low_open else value >= low)
+        below = high is None or (value < high if high_open else value <= high)
+        if above and below:
+            return
+    kind = "an int" if integer else "a float"
+    if low is not None and high is not None:
+        rule = f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        rule = f" {'>' if low_open else '>='} {low}"
+    elif high is not None:
+        rule = f" {'<' if high_open else '<='} {high}"
+    else:
+        rule = ""
+    message = f"{name} must be {kind}{rule}, got {describe(value)}"
+    raise ValueError(message) if ok_type else TypeError(message)
+
+
+def check_labels(
+    labels: Tensor, num_classes: int, ignore_index: int | None = IGNORE_INDEX, *, name: str = "labels"
+) -> None:
+    """Raises a ValueError unless every entry of the integer tensor ``labels`` is a class in ``[0, num_classes)``
+    or ``ignore_index`` (pass None when no label may be ignored).
+
+    This reads tensor values (a host synchronization on GPUs): one reduction in the usual case, every label a class.
+    """
+    if labels.numel() == 0:
+        return
+    low, high = (value.item() for value in torch.aminmax(labels))
+    if 0 <= low <= high < num_classes:
+        return
+    if ignore_index is not None:
+        if low == high == ignore_index:
+            return
+        labels = labels.masked_fill(labels == ignore_index, 0)
+        low, high = (value.item() for value in torch.aminmax(labels))
+        if 0 <= low <= high < num_classes:
+            return
+    value = int(labels[(labels < 0) | (labels >= num_classes)].flatten()[0])
+    allowed = f"[0, {num_classes})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+    raise ValueError(f"{name} must hold class indices in {allowed}, got {value}")
+
+
+def _show(weights: Tensor | Sequence) -> str:
+    values = weights[:_SHOWN_WEIGHTS].tolist() if isinstance(weights, Tensor) else list(weights[:_SHOWN_WEIGHTS])
+    if len(weights) <= _SHOWN_WEIGHTS:
+        return "[" + ", ".join(map(repr, values)) + "]"
+    return "[" + ", ".join(map(repr, values)) + f", ...] ({len(weights)} weights)"
+
+
+def check_class_weight_values(
+    weights: Tensor | Sequence,
+    num_classes: int | None = None,
+    *,
+    name: str = "class_weights",
+    source: str | None = None,
+    read_values: bool = True,
+) -> None:
+    """The rule for class weights, wherever they come from: one per class, finite, non-negative, not all zero.
+
+    Args:
+        weights (`torch.Tensor` of shape `(K,)` or a sequence of numbers): the weights (a floating-point tensor, or
+            numbers as given in Python, on the command line once converted, or read from a file).
+        num_classes (`int`, *optional*): ``K``; when None, at least 2 weights are required.
+        name (`str`, *optional*, defaults to `"class_weights"`): the argument named in errors.
+        source (`str`, *optional*): where the weights were read from (e.g. a file), put in front of every error.
+        read_values (`bool`, *optional*, defaults to `True`): False checks the count alone (a tensor's values are
+            then not read, which would synchronize with a GPU).
+
+    Raises:
+        `ValueError`: a wrong count, a NaN, infinite or negative weight, or weights that are all zero.
+        `TypeError`: an entry of a sequence that is not a number.
+    """
+    where = f"{source}: " if source else ""
+    is_tensor = isinstance(weights, Tensor)
+    count = (weights.shape[0] if weights.dim() == 1 else None) if is_tensor else len(weights)
+    if count is None or (count < 2 if num_classes is None else count != num_classes):
+        expected = "at least 2" if num_classes is None else num_classes
+        got = f"shape {tuple(weights.shape)}" if is_tensor else _show(weights)
+        raise ValueError(f"{where}{name} must hold one weight per class ({expected}), got {got}")
+    if not read_values:
+        return
+    if is_tensor:
+        if count <= _READ_WEIGHTS_AT_ONCE:
+            values = weights.tolist()
+        else:  # NaN propagates through the minimum and maximum
+            values = [value.item() for value in torch.aminmax(weights.detach())]
+    else:
+        if not all(is_real(value) for value in weights):
+            raise TypeError(f"{where}{name} must hold numbers, got {_show(weights)}")
+        values = weights
+    if not all(0 <= value < math.inf for value in values):  # NaN fails every comparison
+        raise ValueError(f"{where}{name} must be finite and non-negative, got {_show(weights)}")
+    if not any(value > 0 for value in values):
+        raise ValueError(f"{where}{name} must not be all zero, got {_show(weights)}")

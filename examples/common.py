@@ -8,6 +8,7 @@ starts with `extends: defaults.yaml` (a path relative to the file itself) and li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -18,6 +19,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -385,6 +387,115 @@ def from_pretrained(auto_class, name_or_path: str, flag: str = "--model_name_or_
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Writing files: whole or not at all, and one comparison per folder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **open_kwargs):
+    """Opens a temporary file next to `path` for writing; on a clean exit, renames it onto `path`.
+
+    Every file the examples write goes through here: a reader sees the old file or the new one, never a part of
+    one, and a process killed at any instant leaves `path` as it was (plus, at worst, a hidden `.<name>.*.tmp` file).
+    An exception inside the block removes the temporary file and leaves `path` untouched. The new file keeps the
+    permissions of the file it replaces (a new one gets the usual ones, 0o666 less the umask).
+
+    Args:
+        path (`str` or `os.PathLike`): the file to write; its folder must exist.
+        mode (`str`, *optional*, defaults to `"w"`): `"w"` (text) or `"wb"` (bytes).
+        **open_kwargs: passed to `open` (`newline=""` for `csv`, `encoding=...`).
+
+    Yields:
+        The open file object.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(descriptor, mode, **open_kwargs) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())  # the data is on disk before the name points at it
+        os.chmod(temporary, _permissions_for(path))
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, content: str | bytes) -> Path:
+    """Writes `content` (text or bytes) to `path` through `atomic_open`; returns `path` as a `Path`."""
+    with atomic_open(path, "wb" if isinstance(content, bytes) else "w") as file:
+        file.write(content)
+    return Path(path)
+
+
+def _permissions_for(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)  # the only way to read it is to set it
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def read_json_record(path: str | os.PathLike) -> dict | None:
+    """The JSON object in `path`; None if it is missing, empty, truncated or not an object (an unfinished run)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, flag: str = "--output_dir"):
+    """Holds an exclusive lock on `folder` (its `.lock` file) for the block, or refuses with a `UsageError`.
+
+    The lock is `fcntl.flock` on `<folder>/.lock`, which also holds the holder's pid, host and start time for the
+    message a second process gets. The operating system releases the lock when its holder exits, however it ends
+    (a SIGKILL too): a `.lock` file left behind by a dead process never blocks anything, and is not removed (removing
+    it could race with a process taking it). Where `flock` is missing (Windows) or refused (some network file
+    systems), the block runs without a lock, after one line saying so.
+    """
+    path = Path(folder) / LOCK_NAME
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+        print(f"warning: no fcntl on this platform: {folder} is not locked against a second run", flush=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None and _lock(fcntl, descriptor, folder, flag):
+            holder = f"pid {os.getpid()} on {platform.node()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, holder.encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _lock(fcntl, descriptor: int, folder, flag: str) -> bool:
+    """Takes the lock (True), finds `flock` unsupported (False, after a warning), or raises if another holds it."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 4096, 0).decode(errors="replace").strip() or "a process that is starting"
+        raise UsageError(
+            flag, f"{folder} is in use by another run ({holder}); wait for it to end or choose another {flag}"
+        ) from None
+    except OSError as error:
+        print(f"warning: cannot lock {folder} ({error.strerror}): it is not locked against a second run", flush=True)
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The run record
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -450,7 +561,10 @@ def write_run_record(
     start_time: float,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Writes `record.json` and `predictions.npz` into `output_dir`; call it on the main process only.
+    """Writes `predictions.npz`, then `record.json`, into `output_dir`; call it on the main process only.
+
+    Both are written whole (`atomic_open`), the record last: a folder with a complete `record.json` holds a finished
+    run.
 
     `record.json` holds `config`, `evaluations`, `final`, `versions`, `device`, `num_processes`, `git_revision`,
     `wall_time_s` (from `start_time`, a `time.perf_counter()` value) and the keys of `extra`. In `predictions.npz`,
@@ -462,7 +576,8 @@ def write_run_record(
         name: np.asarray(value, dtype=np.float32 if name.endswith("_logits") else np.int64)
         for name, value in predictions.items()
     }
-    np.savez_compressed(output_dir / "predictions.npz", **arrays)
+    with atomic_open(output_dir / "predictions.npz", "wb") as file:
+        np.savez_compressed(file, **arrays)
     record = {
         "config": config,
         "evaluations": evaluations,
@@ -477,7 +592,7 @@ def write_run_record(
     }
     path = output_dir / "record.json"
     # allow_nan=False would reject a diverged run's NaN loss; NaN is written as JSON's usual `NaN` extension instead.
-    path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    write_atomic(path, json.dumps(record, indent=2, default=_json_default) + "\n")
     return path
 
 

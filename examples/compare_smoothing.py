@@ -9,8 +9,15 @@ seed and class weights and reported on test; it needs no extra training. Then it
 * ``reliability.png`` (one reliability diagram per setting), ``accuracy_ece_vs_eps.png``, ``confidence_hist.png``.
 
 Layout of ``output_dir``: ``<setting>/seed<k>/`` holds glue.py's ``record.json`` and ``predictions.npz`` plus this
-script's ``analysis.json`` (metrics recomputed from the logits, reliability bins, confidence histogram). A setting
-whose ``record.json`` exists is not trained again, so an interrupted comparison resumes where it stopped.
+script's ``analysis.json`` (metrics recomputed from the logits, reliability bins, confidence histogram). Every file
+is written whole (a temporary file renamed into place). A run whose ``record.json`` holds a JSON object is finished
+and not trained again, so an interrupted comparison resumes where it stopped; an empty or truncated record counts as
+unfinished, and that run is redone.
+
+One comparison at a time per ``output_dir``: a second one started on the same folder stops at once with a message
+naming the first (its pid and host), instead of training the same runs again. The lock is the operating system's
+(``flock`` on ``output_dir/.lock``), released when its holder exits however it ends, so a comparison that was killed
+never blocks the next one; the ``.lock`` file it leaves behind is harmless. ``--report_only`` takes no lock.
 
 Launch:
 
@@ -31,7 +38,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -41,7 +47,18 @@ from pathlib import Path
 import numpy as np
 
 # examples/common.py: the YAML reader glue.py uses (with `extends:`), and the one-line errors of every script.
-from common import USAGE_ERROR_STATUS, UsageError, argument_parser, check_output_dir, load_config_file, run_cli
+from common import (
+    USAGE_ERROR_STATUS,
+    UsageError,
+    argument_parser,
+    atomic_open,
+    check_output_dir,
+    folder_lock,
+    load_config_file,
+    read_json_record,
+    run_cli,
+    write_atomic,
+)
 
 from hf_lsce.calibration import apply_temperature, fit_temperature
 from hf_lsce.metrics import classification_metrics, reliability_bins, softmax
@@ -257,7 +274,7 @@ def write_analysis(args: CompareArguments, setting: Setting, seed: int) -> None:
     temperature = None
     if setting.temperature_scaling:
         source_dir = Path(args.output_dir) / Setting(0.0, None, setting.class_weights).slug / f"seed{seed}"
-    record = json.loads((source_dir / "record.json").read_text())
+    record = read_json_record(source_dir / "record.json")
     logits, labels = load_predictions(source_dir)
     if setting.temperature_scaling:
         temperature = fit_temperature(logits["validation"], labels["validation"])
@@ -276,20 +293,28 @@ def write_analysis(args: CompareArguments, setting: Setting, seed: int) -> None:
         **analyze(logits, labels, args.n_bins),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "analysis.json").write_text(json.dumps(_jsonable(analysis), indent=2))
+    write_atomic(run_dir / "analysis.json", json.dumps(_jsonable(analysis), indent=2))
 
 
 def run_grid(args: CompareArguments, settings: list[Setting]) -> list[str]:
-    """Trains what has no record yet; returns the runs that failed."""
+    """Trains what has no finished record yet; returns the runs that failed.
+
+    A run is finished when its `record.json` holds a JSON object (glue.py writes it whole, last). An empty or
+    truncated one (a comparison killed by an older version, a disk that filled up) is not trusted: the run is redone.
+    """
     trained = [s for s in settings if not s.temperature_scaling]
     jobs = [(s, seed) for s in trained for seed in args.seeds]
     failures, durations = [], []
     for index, (setting, seed) in enumerate(jobs, 1):
         run_dir = Path(args.output_dir) / setting.slug / f"seed{seed}"
         prefix = f"[{index}/{len(jobs)}] {setting.slug} seed {seed}"
-        if (run_dir / "record.json").exists():
-            print(f"{prefix}: record exists, skipped ({run_dir / 'record.json'})", flush=True)
+        record_path = run_dir / "record.json"
+        analysis_missing = read_json_record(run_dir / "analysis.json") is None
+        if read_json_record(record_path) is not None:
+            print(f"{prefix}: record exists, skipped ({record_path})", flush=True)
         else:
+            if record_path.exists():
+                print(f"{prefix}: {record_path} is empty or not valid JSON (unfinished): training again", flush=True)
             remaining = len(jobs) - index + 1
             eta = f", about {remaining * np.mean(durations) / 60:.0f} min left" if durations else ""
             print(f"{prefix}: training -> {run_dir}{eta}", flush=True)
@@ -303,19 +328,20 @@ def run_grid(args: CompareArguments, settings: list[Setting]) -> list[str]:
                 raise UsageError(
                     f"{setting.slug}/seed{seed}", f"glue.py stopped on a usage error (above): {' '.join(command)}"
                 )
-            if result.returncode != 0 or not (run_dir / "record.json").exists():
+            if result.returncode != 0 or read_json_record(record_path) is None:
                 print(f"{prefix}: FAILED (exit code {result.returncode}): {' '.join(command)}", flush=True)
                 failures.append(f"{setting.slug}/seed{seed}")
                 continue
             print(f"{prefix}: done in {durations[-1] / 60:.1f} min", flush=True)
-        if not (run_dir / "analysis.json").exists():
+            analysis_missing = True  # an analysis of an earlier, unfinished run's files is stale
+        if analysis_missing:
             write_analysis(args, setting, seed)
     for setting in settings:
         if not setting.temperature_scaling:
             continue
         for seed in args.seeds:
             source = Path(args.output_dir) / Setting(0.0, None, setting.class_weights).slug / f"seed{seed}"
-            if (source / "record.json").exists():
+            if read_json_record(source / "record.json") is not None:
                 write_analysis(args, setting, seed)  # cheap (no training), so always refreshed
     return failures
 
@@ -326,7 +352,13 @@ def run_grid(args: CompareArguments, settings: list[Setting]) -> list[str]:
 
 
 def load_records(output_dir: Path) -> list[dict]:
-    return [json.loads(path.read_text()) for path in sorted(output_dir.glob("*/seed*/analysis.json"))]
+    records = []
+    for path in sorted(output_dir.glob("*/seed*/analysis.json")):
+        record = read_json_record(path)
+        if record is None:
+            raise UsageError(path, "is empty or not valid JSON: run the comparison without --report_only to redo it")
+        records.append(record)
+    return records
 
 
 def group_by_setting(records: list[dict]) -> dict[str, list[dict]]:
@@ -472,7 +504,8 @@ def plot_reliability(groups: dict[str, list[dict]], path: Path) -> None:
     axes.flat[0].legend(loc="lower right", fontsize=7)
     fig.suptitle("Reliability diagrams (test, seeds pooled)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_open(path, "wb") as file:
+        fig.savefig(file, format="png", dpi=110)
     plt.close(fig)
 
 
@@ -524,7 +557,8 @@ def plot_against_epsilon(rows: list[dict], path: Path) -> None:
     axes[1].legend(fontsize=7)
     fig.suptitle("Accuracy and calibration error against ε (mean ± std over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_open(path, "wb") as file:
+        fig.savefig(file, format="png", dpi=110)
     plt.close(fig)
 
 
@@ -550,7 +584,8 @@ def plot_confidence_histograms(groups: dict[str, list[dict]], path: Path) -> Non
     axes.flat[0].legend(fontsize=7)
     fig.suptitle("Confidence of test predictions (seeds pooled)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_open(path, "wb") as file:
+        fig.savefig(file, format="png", dpi=110)
     plt.close(fig)
 
 
@@ -564,7 +599,7 @@ def paste_into_readme(readme: Path, marker: str | None, content: str) -> None:
         raise ValueError(f"{readme} must contain {start} once, followed by {end} once")
     before, rest = text.split(start)
     _, after = rest.split(end)
-    readme.write_text(f"{before}{start}\n{content.strip()}\n{end}{after}")
+    write_atomic(readme, f"{before}{start}\n{content.strip()}\n{end}{after}")
 
 
 def write_report(args: CompareArguments) -> Path:
@@ -578,8 +613,8 @@ def write_report(args: CompareArguments) -> Path:
         raise UsageError("--output_dir", f"no */seed*/analysis.json records under {output_dir}: nothing to report")
     groups = group_by_setting(records)
     rows = summary_rows(groups)
-    (output_dir / "results.md").write_text(markdown_table(rows, records, args.title, args.n_bins))
-    with (output_dir / "results.csv").open("w", newline="") as file:
+    write_atomic(output_dir / "results.md", markdown_table(rows, records, args.title, args.n_bins))
+    with atomic_open(output_dir / "results.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -591,10 +626,8 @@ def write_report(args: CompareArguments) -> Path:
         export = Path(args.export_dir)
         export.mkdir(parents=True, exist_ok=True)
         for name in outputs:
-            shutil.copy2(output_dir / name, export / name)
-        with (export / "records.jsonl").open("w") as file:
-            for record in records:
-                file.write(json.dumps(record) + "\n")
+            write_atomic(export / name, (output_dir / name).read_bytes())
+        write_atomic(export / "records.jsonl", "".join(json.dumps(record) + "\n" for record in records))
     if args.readme:
         paste_into_readme(Path(args.readme), args.readme_marker, (output_dir / "results.md").read_text())
     print(
@@ -605,16 +638,19 @@ def write_report(args: CompareArguments) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    failures = []
-    if not args.report_only:
-        check_base_config(args)
-        settings = expand_grid(args)
-        check_output_dir(args.output_dir)
+    if args.report_only:
+        # Trains nothing and writes whole files only, so it may run while a comparison fills the folder.
+        print(write_report(args).read_text())
+        return 0
+    check_base_config(args)
+    settings = expand_grid(args)
+    check_output_dir(args.output_dir)
+    with folder_lock(args.output_dir):
         print(f"{len(settings)} settings × {len(args.seeds)} seeds -> {args.output_dir}", flush=True)
         start = time.perf_counter()
         failures = run_grid(args, settings)
         print(f"grid finished in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
-    results = write_report(args)
+        results = write_report(args)
     print(results.read_text())
     if failures:
         print(f"{len(failures)} run(s) failed: {', '.join(failures)}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The smoothing comparison, end to end on a tiny model through the real examples/glue.py, offline."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 
+import common  # noqa: E402
 import compare_smoothing  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -177,6 +179,70 @@ def test_paste_into_readme_replaces_only_the_marked_block(tmp_path):
         compare_smoothing.paste_into_readme(readme, "other", "x")
 
 
+def test_interrupted_readme_paste_leaves_the_old_readme(tmp_path, monkeypatch):
+    # A kill between writing the new text and renaming it into place, simulated by a failing rename.
+    readme = tmp_path / "README.md"
+    original = "intro\n<!-- results:demo -->\nold table\n<!-- /results:demo -->\noutro\n"
+    readme.write_text(original)
+    readme.chmod(0o640)
+
+    def interrupted(source, destination):
+        assert Path(source).read_text().count("| new |") == 1  # the whole new text was written, next to the README
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compare_smoothing.paste_into_readme(readme, "demo", "| new |\n")
+    assert readme.read_text() == original
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md"]  # no temporary file left behind
+    monkeypatch.undo()
+    compare_smoothing.paste_into_readme(readme, "demo", "| new |\n")
+    assert "| new |" in readme.read_text() and readme.stat().st_mode & 0o777 == 0o640  # permissions kept
+
+
+def _grid_args(tmp_path) -> list[str]:
+    return ["--output_dir", str(tmp_path / "out"), "--label_smoothing", "0", "--class_weights", "none"]
+
+
+def test_second_comparison_on_one_folder_is_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    with common.folder_lock(tmp_path / "out"):
+        with pytest.raises(
+            common.UsageError, match=rf"--output_dir: .*out is in use by another run \(pid {os.getpid()} on "
+        ):
+            compare_smoothing.main(_grid_args(tmp_path))
+        # The same through the script: one line, status 2, nothing trained.
+        command = [sys.executable, str(REPO / "examples" / "compare_smoothing.py"), *_grid_args(tmp_path)]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert result.returncode == 2, result.stderr[-3000:]
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error: --output_dir: ") and f"(pid {os.getpid()} on " in line
+        assert "training" not in result.stdout
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [".lock"]
+
+
+def test_lock_of_a_killed_comparison_does_not_block(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import common, time\n"
+         "with common.folder_lock(sys.argv[2]):\n    print('locked', flush=True); time.sleep(600)",
+         str(REPO / "examples"), str(folder)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(common.UsageError, match=f"in use by another run \\(pid {holder.pid} on "):
+            with common.folder_lock(folder):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code runs in the holder
+        holder.wait()
+    assert f"pid {holder.pid}" in (folder / ".lock").read_text()  # the file stays ...
+    with common.folder_lock(folder):  # ... and does not block
+        assert f"pid {os.getpid()}" in (folder / ".lock").read_text()
+
+
 def test_report_only_without_records_says_so(tmp_path):
     with pytest.raises(compare_smoothing.UsageError, match="--output_dir: no .* records under .*nothing to report"):
         compare_smoothing.main(["--output_dir", str(tmp_path), "--report_only"])
@@ -274,6 +340,23 @@ def test_tiny_grid_end_to_end_then_rerun_skips(tmp_path, tiny_model, tiny_data):
     assert second.stdout.count("record exists, skipped") == 2
     assert ": training ->" not in second.stdout
     assert {path: path.stat().st_mtime_ns for path in output_dir.glob("*/seed1/record.json")} == trained
+
+    # A record left empty or truncated (a run killed while writing it, before writes were atomic) is unfinished: the
+    # run is redone, with one line saying why, and its analysis rebuilt.
+    empty, truncated = (
+        output_dir / "eps0-cw_none/seed1/record.json",
+        output_dir / "eps0.1-uniform-cw_none/seed1/record.json",
+    )
+    empty.write_text("")
+    truncated.write_text(truncated.read_text()[:200])
+    third = _run_compare(grid, output_dir)
+    assert third.stdout.count("is empty or not valid JSON (unfinished): training again") == 2
+    assert third.stdout.count(": training ->") == 2
+    for path in (empty, truncated):
+        assert json.loads(path.read_text())["config"]["seed"] == 1
+        assert path.with_name("analysis.json").stat().st_mtime_ns > path.stat().st_mtime_ns
+    assert sorted(path.name for path in empty.parent.iterdir()) == ["analysis.json", "predictions.npz", "record.json"]
+    table = (output_dir / "results.md").read_text()
 
     # The report is rebuilt from the records alone.
     (output_dir / "results.md").unlink()

@@ -257,6 +257,30 @@ def test_unreachable_hub_fails_in_seconds(monkeypatch, tmp_path):
     assert time.perf_counter() - start < 10
 
 
+def test_atomic_open_writes_whole_files_or_nothing(tmp_path):
+    path = tmp_path / "record.json"
+    common.write_atomic(path, '{"old": 1}')
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0o600
+    with pytest.raises(RuntimeError):
+        with common.atomic_open(path) as file:
+            file.write('{"new": ')
+            raise RuntimeError("killed half-way")
+    assert path.read_text() == '{"old": 1}'
+    assert os.listdir(tmp_path) == ["record.json"]  # the temporary file is gone too
+    with common.atomic_open(path, "wb") as file:
+        file.write(b'{"new": 2}')
+    assert common.read_json_record(path) == {"new": 2}
+
+
+@pytest.mark.parametrize("content", ["", '{"config": {"seed"', "[1, 2]", "null"])
+def test_unfinished_records_read_as_none(tmp_path, content):
+    (tmp_path / "record.json").write_text(content)
+    assert common.read_json_record(tmp_path / "record.json") is None
+    assert common.read_json_record(tmp_path / "missing.json") is None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad input: one line `error: <file or flag>: <problem>`, exit status 2, no traceback
 # ---------------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -398,14 +399,16 @@ class SmoothingTrainer(Trainer):
     # ---- Checkpoints ----
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """`Trainer.save_model`, plus ``class_weights.json`` next to the model when the trainer has class weights."""
+        """`Trainer.save_model`, plus ``class_weights.json`` next to the model when the trainer has class weights.
+
+        The file is written whole: to a temporary file in the same folder, then renamed into place.
+        """
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.class_weights is not None and self.args.should_save:
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             os.makedirs(output_dir, exist_ok=True)
             record = {"method": self.class_weights_method, "class_weights": self.class_weights.tolist()}
-            with open(os.path.join(output_dir, CLASS_WEIGHTS_NAME), "w") as f:
-                json.dump(record, f, indent=2)
+            _write_json_atomically(os.path.join(output_dir, CLASS_WEIGHTS_NAME), record)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`; when resuming, balanced class weights are read back from the checkpoint.
@@ -431,12 +434,47 @@ class SmoothingTrainer(Trainer):
 
     def _load_class_weights(self, checkpoint: str | os.PathLike) -> None:
         path = os.path.join(checkpoint, CLASS_WEIGHTS_NAME)
-        if not os.path.isfile(path) or self.class_weights is None:
+        if not os.path.isfile(path):
+            if self.class_weights_method == "balanced" and self.class_weights is not None:
+                logger.warning(
+                    f"{checkpoint} has no {CLASS_WEIGHTS_NAME}: the 'balanced' class weights are recomputed from the "
+                    f"training data ({self.class_weights.tolist()}), which may differ from those the checkpoint was "
+                    "trained with"
+                )
             return
-        with open(path) as f:
-            stored = torch.tensor(json.load(f)["class_weights"], dtype=torch.float64)
+        if self.class_weights is None:
+            logger.warning(f"{path} holds class weights, but this trainer has none: they are not used")
+            return
+        stored = torch.tensor(_read_class_weights(path, self.num_classes), dtype=torch.float64)
         if self.class_weights_method == "balanced":
             self._set_class_weights(stored)
             logger.info(f"Resuming with the class weights stored in {path}: {stored.tolist()}")
         elif stored.shape != self.class_weights.shape or not torch.allclose(stored, self.class_weights):
             logger.warning(f"The class weights given differ from those stored in {path}; using the given ones")
+
+
+def _read_class_weights(path: str, num_classes: int | None) -> list[float]:
+    """The weights of a ``class_weights.json``, checked by the rule given weights follow; errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the class weights ({error})") from None
+    weights = record.get("class_weights") if isinstance(record, dict) else None
+    if not isinstance(weights, list):
+        raise ValueError(f"{path}: expected a JSON object with a 'class_weights' list, got {describe(record)}")
+    check_class_weight_values(weights, num_classes, source=path)
+    return [float(weight) for weight in weights]
+
+
+def _write_json_atomically(path: str, record: dict) -> None:
+    # A run killed mid-write leaves the previous file (or none), never a truncated one.
+    directory, name = os.path.split(path)
+    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise

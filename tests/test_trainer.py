@@ -8,6 +8,7 @@ splits run once through ``torchrun --nproc_per_node 2`` (gloo) on tests/scripts/
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import transformers
 from packaging import version
 
 import hf_lsce.fused
+import hf_lsce.trainer
 from hf_lsce import SmoothingTrainer, label_smoothed_cross_entropy
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -211,6 +213,96 @@ def test_resume_continues_trajectory_and_keeps_weights(tmp_path):
     again = tasks.run("seq_cls", tmp_path / "edited", 2, 1, resume_from_checkpoint=str(edited), **common)
     assert again["trainer"].class_weights.tolist() == [0.25, 1.0, 4.0]
     assert again["logged"][:2] == full["logged"][:2] and again["logged"][2] != pytest.approx(full["logged"][2])
+
+
+# ---- class_weights.json in checkpoints ----
+
+BAD_WEIGHT_FILES = {
+    "negative": ('{"method": "balanced", "class_weights": [1.0, -0.5, 2.0]}', "must be finite and non-negative"),
+    "nan": ('{"method": "balanced", "class_weights": [1.0, NaN, 2.0]}', "must be finite and non-negative"),
+    "infinite": ('{"method": "balanced", "class_weights": [1.0, Infinity, 2.0]}', "must be finite and non-negative"),
+    "all_zero": ('{"method": "balanced", "class_weights": [0.0, 0, 0.0]}', "must not be all zero"),
+    "wrong_count": ('{"method": "balanced", "class_weights": [1.0, 2.0]}', r"one weight per class \(3\)"),
+    "not_numbers": ('{"method": "balanced", "class_weights": ["a", "b", "c"]}', "must hold numbers"),
+    "truncated": ('{"method": "balanced", "class_weights": [1.0, 0.5', "cannot read the class weights"),
+    "empty": ("", "cannot read the class weights"),
+    "not_an_object": ("[1.0, 2.0, 3.0]", "expected a JSON object with a 'class_weights' list"),
+}
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["balanced", "given"])
+@pytest.mark.parametrize("case", sorted(BAD_WEIGHT_FILES))
+def test_bad_checkpoint_class_weights_name_the_file(tmp_path, case, given):
+    text, problem = BAD_WEIGHT_FILES[case]
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    path = checkpoint / "class_weights.json"
+    path.write_text(text)
+    trainer = tasks.OrderedSmoothingTrainer(
+        model=tasks.model("seq_cls"),
+        args=tasks.training_args(tmp_path, 2, 1, class_weights=[1.0, 2.0, 3.0] if given else "balanced"),
+        train_dataset=tasks.examples("seq_cls"),
+        data_collator=tasks.collator("seq_cls"),
+    )
+    # Raised before any training: the checkpoint is checked first.
+    with pytest.raises((ValueError, TypeError), match=f"^{re.escape(str(path))}: .*{problem}"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 0
+
+
+@pytest.fixture(scope="module")
+def balanced_run(tmp_path_factory):
+    """A 4-step "balanced" run that saves a checkpoint after step 2."""
+    root = tmp_path_factory.mktemp("balanced")
+    args_kwargs = {"class_weights": "balanced", "save_strategy": "steps", "save_steps": 2}
+    full = tasks.run("seq_cls", root / "full", 2, 1, args_kwargs=args_kwargs, weights=False, steps=4)
+    return root / "full" / "checkpoint-2", args_kwargs, full
+
+
+RECOMPUTED = "the 'balanced' class weights are recomputed from the training data"
+
+
+@pytest.mark.parametrize("keep_file", [True, False])
+def test_resume_without_weights_file_warns_that_weights_are_recomputed(tmp_path, caplog, balanced_run, keep_file):
+    checkpoint, args_kwargs, full = balanced_run
+    copy = tmp_path / "run" / "checkpoint-2"
+    shutil.copytree(checkpoint, copy)
+    if not keep_file:
+        (copy / "class_weights.json").unlink()
+    with caplog.at_level("WARNING"):
+        resumed = tasks.run(
+            "seq_cls", tmp_path / "run", 2, 1, args_kwargs=args_kwargs, weights=False, steps=4,
+            resume_from_checkpoint=str(copy),
+        )  # fmt: skip
+    warnings = [record.getMessage() for record in caplog.records if RECOMPUTED in record.getMessage()]
+    assert len(warnings) == (0 if keep_file else 1)
+    if not keep_file:
+        assert str(copy) in warnings[0]
+    # Same data here, so the recomputed weights are the stored ones and the trajectory continues unchanged.
+    assert resumed["logged"] == pytest.approx(full["logged"], abs=LOG_TOLERANCE)
+
+
+def test_class_weights_file_is_written_whole(tmp_path, monkeypatch):
+    trainer = SmoothingTrainer(
+        model=tasks.model("seq_cls"), args=tasks.training_args(tmp_path, 2, 1, class_weights=[1.0, 2.0, 3.0])
+    )
+    out = tmp_path / "out"
+    trainer.save_model(str(out))
+    path = out / "class_weights.json"
+    before = path.read_text()
+    assert json.loads(before) == {"method": "given", "class_weights": [1.0, 2.0, 3.0]}
+    files = sorted(os.listdir(out))
+    assert not [name for name in files if name.endswith(".tmp")]
+
+    def killed_mid_write(record, f, **kwargs):
+        f.write('{"method": "giv')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf_lsce.trainer.json, "dump", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        hf_lsce.trainer._write_json_atomically(str(path), {"method": "given", "class_weights": [4.0, 5.0, 6.0]})
+    assert path.read_text() == before  # the previous file, whole
+    assert sorted(os.listdir(out)) == files  # and no temporary file left behind
 
 
 def test_bf16_autocast_on_cpu(tmp_path):

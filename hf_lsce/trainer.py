@@ -28,7 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
-from hf_lsce.checks import DEFAULT_LABEL_SMOOTHING, IGNORE_INDEX, check_labels
+from hf_lsce.checks import DEFAULT_LABEL_SMOOTHING, IGNORE_INDEX, check_class_weight_values, check_labels, describe
 from hf_lsce.class_weights import check_class_weights, compute_class_weights
 from hf_lsce.fused import empty_cache
 from hf_lsce.loss import label_smoothed_cross_entropy, mean_denominator

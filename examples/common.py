@@ -14,6 +14,7 @@ import difflib
 import functools
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
@@ -550,6 +551,68 @@ def describe_device(training_args) -> str:
     return str(device)
 
 
+def train_and_record(
+    trainer,
+    splits: dict[str, Any],
+    *,
+    recorder: EvaluationRecorder,
+    config: dict[str, Any],
+    start_time: float,
+    official_metrics: list[str],
+    extra: dict[str, Any] | None = None,
+    keep=None,
+) -> dict[str, dict[str, float]]:
+    """The scripts' common end: trains, saves the model, predicts every split but `train`, writes the run record.
+
+    Args:
+        trainer (`SmoothingTrainer`): ready to train, with `recorder` among its callbacks.
+        splits (`dict[str, Dataset]`): the tokenized splits by name; each one but `"train"` is predicted.
+        recorder (`EvaluationRecorder`): its evaluations go into the record.
+        config (`dict`): every option, resolved (see `resolved_config`), for the record.
+        start_time (`float`): the script's `time.perf_counter()` at its start, for the record's wall time.
+        official_metrics (`list[str]`): the task's metrics: recorded, and printed first for each split.
+        extra (`dict`, *optional*): more keys for the record (after `official_metrics`, before `train`).
+        keep (`Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]`, *optional*): applied to each
+            split's (logits, labels) before they are saved, e.g. to keep the labeled tokens only.
+
+    Returns:
+        `dict[str, dict[str, float]]`: the final model's metrics per split, keys without the split prefix. The model
+        is saved unless `save_strategy` is "no"; the record is written by the main process only (`write_run_record`).
+    """
+    train_result = trainer.train()
+    if trainer.args.save_strategy != "no":
+        trainer.save_model()
+
+    final, predictions = {}, {}
+    for name in [name for name in splits if name != "train"]:
+        output = trainer.predict(splits[name], metric_key_prefix=name)
+        final[name] = {key.removeprefix(f"{name}_"): value for key, value in output.metrics.items()}
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        labels = output.label_ids
+        if keep is not None:
+            logits, labels = keep(logits, labels)
+        predictions[f"{name}_logits"], predictions[f"{name}_labels"] = logits, labels
+
+    if trainer.is_world_process_zero():
+        path = write_run_record(
+            trainer.args.output_dir,
+            config=config,
+            evaluations=recorder.evaluations,
+            final=final,
+            predictions=predictions,
+            training_args=trainer.args,
+            start_time=start_time,
+            extra={"official_metrics": official_metrics, **(extra or {}), "train": train_result.metrics},
+        )
+        for name, metrics in final.items():
+            shown = ", ".join(
+                f"{key} {metrics[key]:.4f}" for key in (*official_metrics, "nll", "ece") if key in metrics
+            )
+            print(f"{name}: {shown}")
+        print(f"Wrote {path}")
+    return final
+
+
 def write_run_record(
     output_dir: str | os.PathLike,
     *,
@@ -591,14 +654,29 @@ def write_run_record(
         "wall_time_s": time.perf_counter() - start_time,
     }
     path = output_dir / "record.json"
-    # allow_nan=False would reject a diverged run's NaN loss; NaN is written as JSON's usual `NaN` extension instead.
-    write_atomic(path, json.dumps(record, indent=2, default=_json_default) + "\n")
+    # A diverged run's NaN loss stays visible as JSON's usual `NaN` extension (strict JSON would need null).
+    write_atomic(path, json_text(record) + "\n")
     return path
 
 
-def _json_default(value):
+def json_text(value: Any, *, nan_as_null: bool = False) -> str:
+    """`value` as indented JSON text, with NumPy scalars and arrays as plain numbers and lists.
+
+    Args:
+        value: dicts, lists, tuples, numbers, strings, NumPy values; anything else is written as its `str`.
+        nan_as_null (`bool`, *optional*, defaults to `False`): write NaN floats as `null` (strict JSON) instead of
+            the `NaN` extension that Python's `json` reads and writes.
+    """
+    return json.dumps(_plain(value, nan_as_null), indent=2, default=str)
+
+
+def _plain(value: Any, nan_as_null: bool) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item, nan_as_null) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(item, nan_as_null) for item in (value.tolist() if isinstance(value, np.ndarray) else value)]
     if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
+        value = value.item()
+    if nan_as_null and isinstance(value, float) and math.isnan(value):
+        return None
+    return value

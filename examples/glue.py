@@ -54,7 +54,7 @@ from common import (
     resolved_config,
     run_cli,
     subsample,
-    write_run_record,
+    train_and_record,
 )
 from pypi_corpora import LOADERS
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
@@ -327,35 +327,14 @@ def main(args: list[str] | None = None) -> dict:
         compute_metrics=compute_metrics,
         callbacks=[recorder],
     )
-    train_result = trainer.train()
-    if training_args.save_strategy != "no":
-        trainer.save_model()
-
-    final, predictions = {}, {}
-    for name in [name for name in encoded if name != "train"]:
-        output = trainer.predict(encoded[name], metric_key_prefix=name)
-        final[name] = {key.removeprefix(f"{name}_"): value for key, value in output.metrics.items()}
-        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-        predictions[f"{name}_logits"], predictions[f"{name}_labels"] = logits, output.label_ids
-
-    if trainer.is_world_process_zero():
-        path = write_run_record(
-            training_args.output_dir,
-            config={**resolved_config(model_args, data_args, training_args), "config": config_file},
-            evaluations=recorder.evaluations,
-            final=final,
-            predictions=predictions,
-            training_args=training_args,
-            start_time=start_time,
-            extra={"official_metrics": official_metrics, "train": train_result.metrics},
-        )
-        for name, metrics in final.items():
-            shown = ", ".join(
-                f"{key} {metrics[key]:.4f}" for key in (*official_metrics, "nll", "ece") if key in metrics
-            )
-            print(f"{name}: {shown}")
-        print(f"Wrote {path}")
-    return final
+    return train_and_record(
+        trainer,
+        encoded,
+        recorder=recorder,
+        config={**resolved_config(model_args, data_args, training_args), "config": config_file},
+        start_time=start_time,
+        official_metrics=official_metrics,
+    )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from common import (
     resolved_config,
     run_cli,
     subsample,
-    write_run_record,
+    train_and_record,
 )
 from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification
 from transformers.utils import logging
@@ -292,36 +292,22 @@ def main(args: list[str] | None = None) -> dict:
         compute_metrics=compute_metrics,
         callbacks=[recorder],
     )
-    train_result = trainer.train()
-    if training_args.save_strategy != "no":
-        trainer.save_model()
+    return train_and_record(
+        trainer,
+        encoded,
+        recorder=recorder,
+        config={**resolved_config(model_args, data_args, training_args), "config": config_file},
+        start_time=start_time,
+        official_metrics=["f1", "accuracy"],
+        extra={"label_names": label_names},
+        keep=labeled_tokens,
+    )
 
-    final, predictions = {}, {}
-    for name in [name for name in encoded if name != "train"]:
-        output = trainer.predict(encoded[name], metric_key_prefix=name)
-        final[name] = {key.removeprefix(f"{name}_"): value for key, value in output.metrics.items()}
-        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-        labeled = output.label_ids != IGNORE_INDEX
-        predictions[f"{name}_logits"], predictions[f"{name}_labels"] = logits[labeled], output.label_ids[labeled]
 
-    if trainer.is_world_process_zero():
-        path = write_run_record(
-            training_args.output_dir,
-            config={**resolved_config(model_args, data_args, training_args), "config": config_file},
-            evaluations=recorder.evaluations,
-            final=final,
-            predictions=predictions,
-            training_args=training_args,
-            start_time=start_time,
-            extra={"official_metrics": ["f1", "accuracy"], "label_names": label_names, "train": train_result.metrics},
-        )
-        for name, metrics in final.items():
-            shown = ", ".join(
-                f"{key} {metrics[key]:.4f}" for key in ("f1", "accuracy", "nll", "ece") if key in metrics
-            )
-            print(f"{name}: {shown}")
-        print(f"Wrote {path}")
-    return final
+def labeled_tokens(logits, labels):
+    """The (logits, labels) of the labeled tokens only: one row per word (first sub-tokens) unless all are labeled."""
+    labeled = labels != IGNORE_INDEX
+    return logits[labeled], labels[labeled]
 
 
 if __name__ == "__main__":

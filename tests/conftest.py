@@ -21,3 +21,73 @@ IMPLEMENTATIONS = {
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
 def lsce(request):
     return IMPLEMENTATIONS[request.param]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tiny models, built from configs (no Hub, no download): one vocabulary, one BERT, shared by every test module
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The words of the tests' synthetic data; the tiny tokenizer knows each of them (anything else becomes [UNK]).
+# "berlin" is two WordPiece pieces, so that token classification sees words of several sub-tokens.
+TINY_WORDS = (
+    "good great fine fun warm lovely superb bad awful dull poor cold boring sad "
+    "the movie film plot was is a very in city really quite anna paris ber ##lin"
+).split()
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS]
+
+
+def tiny_bert_config(**overrides):
+    """A `BertConfig`: 2 layers, hidden size 32, 2 heads over `TINY_VOCAB`; `overrides` (e.g. `num_labels`) win."""
+    from transformers import BertConfig
+
+    options = dict(
+        vocab_size=len(TINY_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    return BertConfig(**{**options, **overrides})
+
+
+def tiny_bert_classifier(**config_overrides):
+    """A randomly initialized `BertForSequenceClassification` of `tiny_bert_config(**config_overrides)`."""
+    from transformers import BertForSequenceClassification
+
+    return BertForSequenceClassification(tiny_bert_config(**config_overrides))
+
+
+def tiny_tokenizer():
+    """A lower-casing WordPiece tokenizer over `TINY_VOCAB` with BERT's special tokens and pair template."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordPiece({word: i for i, word in enumerate(TINY_VOCAB)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cls, sep = TINY_VOCAB.index("[CLS]"), TINY_VOCAB.index("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )  # fmt: skip
+
+
+def save_tiny_bert(folder) -> str:
+    """Saves `tiny_tokenizer()` and a random `BertModel` of `tiny_bert_config()` into `folder`; returns its path.
+
+    The examples load it with `--model_name_or_path folder`, which adds a new classification head of the data's size.
+    """
+    import torch
+    from transformers import BertModel
+
+    tiny_tokenizer().save_pretrained(folder)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        BertModel(tiny_bert_config()).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """The folder of `save_tiny_bert`, built once per test session."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))

@@ -24,44 +24,6 @@ FILLER = "the a movie film plot was is really quite".split()
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A 2-layer BERT with hidden size 32 and a word-level tokenizer, saved to disk: no download anywhere."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = {token: index for index, token in enumerate(specials + POSITIVE + NEGATIVE + FILLER)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-    tokenizer.save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """Train/validation/test CSVs of short sentences whose label is the polarity of one word (60/40 classes)."""
     import random
@@ -179,6 +141,13 @@ def test_paste_into_readme_replaces_only_the_marked_block(tmp_path):
         compare_smoothing.paste_into_readme(readme, "other", "x")
 
 
+def test_paste_into_readme_lives_in_the_report_module():
+    import compare_report
+
+    # benchmarks/report.py imports it from compare_smoothing (through sys.path): that path keeps working.
+    assert compare_smoothing.paste_into_readme is compare_report.paste_into_readme
+
+
 def test_interrupted_readme_paste_leaves_the_old_readme(tmp_path, monkeypatch):
     # A kill between writing the new text and renaming it into place, simulated by a failing rename.
     readme = tmp_path / "README.md"
@@ -271,11 +240,11 @@ def _run_compare(config: Path, output_dir: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def test_tiny_grid_end_to_end_then_rerun_skips(tmp_path, tiny_model, tiny_data):
+def test_tiny_grid_end_to_end_then_rerun_skips(tmp_path, tiny_bert, tiny_data):
     base = _write_yaml(
         tmp_path / "tiny_glue.yaml",
         {
-            "model_name_or_path": str(tiny_model),
+            "model_name_or_path": str(tiny_bert),
             "train_file": str(tiny_data["train"]),
             "validation_file": str(tiny_data["validation"]),
             "test_file": str(tiny_data["test"]),

@@ -1,7 +1,7 @@
 """End-to-end and unit tests of examples/glue.py and examples/token_classification.py, offline.
 
-The model is a 2-layer BERT with hidden size 32 and a WordPiece tokenizer over a 30-word vocabulary, both built here;
-the data are tiny files written in the layout of the real corpora.
+The model is conftest's `tiny_bert` (a 2-layer BERT with hidden size 32 and a WordPiece tokenizer over the words of
+the tests' data, built from configs); the data are tiny files written in the layout of the real corpora.
 """
 
 import bz2
@@ -30,8 +30,6 @@ import token_classification  # noqa: E402
 POSITIVE = ["good", "great", "fine", "fun", "warm"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "cold"]
 NEUTRAL = ["the", "movie", "film", "plot", "was", "is", "a", "very", "in", "city"]
-# "berlin" is split into two pieces, so that token classification has words with several sub-tokens.
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *NEUTRAL, "anna", "paris", "ber", "##lin"]
 RECORD_KEYS = {"config", "evaluations", "final", "versions", "device", "num_processes", "git_revision", "wall_time_s"}
 METRIC_KEYS = {"loss", "nll", "accuracy", "macro_f1", "mcc", "ece", "brier", "f1"}
 FAST_TRAINING = [
@@ -45,32 +43,6 @@ def offline_env(**extra) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra})
     return env
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    """A randomly initialized 2-layer BERT (hidden 32) and a WordPiece tokenizer, saved as a model folder."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    backend = Tokenizer(models.WordPiece({word: i for i, word in enumerate(VOCAB)}, unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]",
-    )  # fmt: skip
-    tokenizer.save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64,
-    )  # fmt: skip
-    BertModel(config).save_pretrained(folder)
-    return str(folder)
 
 
 def sentiment_text(rng: np.random.Generator, positive: bool) -> str:
@@ -444,10 +416,10 @@ def test_token_classification_bad_input_is_one_line_and_status_2(case, tmp_path)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_glue_end_to_end_rotten_tomatoes(tiny_model, rotten_file, tmp_path):
+def test_glue_end_to_end_rotten_tomatoes(tiny_bert, rotten_file, tmp_path):
     output_dir = tmp_path / "run"
     command = [
-        sys.executable, str(EXAMPLES / "glue.py"), "--model_name_or_path", tiny_model, "--dataset", "rotten_tomatoes",
+        sys.executable, str(EXAMPLES / "glue.py"), "--model_name_or_path", tiny_bert, "--dataset", "rotten_tomatoes",
         "--dataset_file", str(rotten_file), "--max_seq_length", "32", "--label_smoothing", "0.1",
         "--output_dir", str(output_dir), *FAST_TRAINING,
     ]  # fmt: skip
@@ -466,7 +438,7 @@ def test_glue_end_to_end_rotten_tomatoes(tiny_model, rotten_file, tmp_path):
     assert recomputed["nll"] == pytest.approx(record["final"]["test"]["nll"], abs=1e-5)
 
 
-def test_glue_local_files_class_weights_in_process(tiny_model, tmp_path):
+def test_glue_local_files_class_weights_in_process(tiny_bert, tmp_path):
     # A sentence pair task with string labels, an unlabeled test file (skipped), balanced class weights, from YAML.
     rng = np.random.default_rng(2)
     for split, size in (("train", 40), ("validation", 12), ("test", 12)):
@@ -478,7 +450,7 @@ def test_glue_local_files_class_weights_in_process(tiny_model, tmp_path):
         frame = pd.DataFrame(rows)
         (frame.drop(columns="verdict") if split == "test" else frame).to_csv(tmp_path / f"{split}.csv", index=False)
     config = {
-        "model_name_or_path": tiny_model,
+        "model_name_or_path": tiny_bert,
         "train_file": str(tmp_path / "train.csv"),
         "validation_file": str(tmp_path / "validation.csv"),
         "test_file": str(tmp_path / "test.csv"),
@@ -497,14 +469,14 @@ def test_glue_local_files_class_weights_in_process(tiny_model, tmp_path):
     assert math.isfinite(record["final"]["validation"]["mcc"])
 
 
-def test_glue_string_labels_in_the_default_label_column(tiny_model, tmp_path):
+def test_glue_string_labels_in_the_default_label_column(tiny_bert, tmp_path):
     # The most common local layout: `text,label` with string labels. Writing ids into the string column `label`
     # would keep its string type ("0", "1") and break the collator; the ids go to a new integer column instead.
     rng = np.random.default_rng(5)
     for split, size in (("train", 24), ("validation", 8)):
         rows = [(sentiment_text(rng, bool(i % 2)), "positive" if i % 2 else "negative") for i in range(size)]
         pd.DataFrame(rows, columns=["text", "label"]).to_csv(tmp_path / f"{split}.csv", index=False)
-    args = ["--model_name_or_path", tiny_model, "--train_file", str(tmp_path / "train.csv"), "--validation_file"]
+    args = ["--model_name_or_path", tiny_bert, "--train_file", str(tmp_path / "train.csv"), "--validation_file"]
     args += [str(tmp_path / "validation.csv"), "--max_steps", "2", "--output_dir", str(tmp_path / "out")]
     final = glue.main([*args, *FAST_TRAINING])
     assert math.isfinite(final["validation"]["nll"])
@@ -518,12 +490,12 @@ def test_glue_string_labels_in_the_default_label_column(tiny_model, tmp_path):
 
 
 @pytest.mark.distributed
-def test_glue_two_processes_with_accelerate(tiny_model, rotten_file, tmp_path):
+def test_glue_two_processes_with_accelerate(tiny_bert, rotten_file, tmp_path):
     output_dir = tmp_path / "run"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        str(EXAMPLES / "glue.py"), "--model_name_or_path", tiny_model, "--dataset", "rotten_tomatoes",
+        str(EXAMPLES / "glue.py"), "--model_name_or_path", tiny_bert, "--dataset", "rotten_tomatoes",
         "--dataset_file", str(rotten_file), "--max_seq_length", "32", "--class_weights", "balanced",
         "--output_dir", str(output_dir), *FAST_TRAINING,
     ]  # fmt: skip
@@ -567,13 +539,13 @@ def write_ner_file(path: Path, size: int, rng: np.random.Generator) -> None:
             f.write(json.dumps({"tokens": tokens, "tags": tags}) + "\n")
 
 
-def test_token_classification_end_to_end(tiny_model, tmp_path):
+def test_token_classification_end_to_end(tiny_bert, tmp_path):
     rng = np.random.default_rng(3)
     for split, size in (("train", 40), ("validation", 10), ("test", 10)):
         write_ner_file(tmp_path / f"{split}.jsonl", size, rng)
     output_dir = tmp_path / "run"
     command = [
-        sys.executable, str(EXAMPLES / "token_classification.py"), "--model_name_or_path", tiny_model,
+        sys.executable, str(EXAMPLES / "token_classification.py"), "--model_name_or_path", tiny_bert,
         "--train_file", str(tmp_path / "train.jsonl"), "--validation_file", str(tmp_path / "validation.jsonl"),
         "--test_file", str(tmp_path / "test.jsonl"), "--label_smoothing", "0.1", "--class_weights", "balanced",
         "--output_dir", str(output_dir), *FAST_TRAINING,
@@ -593,7 +565,7 @@ def test_token_classification_end_to_end(tiny_model, tmp_path):
     assert {"eval_f1", "eval_precision", "eval_recall", "eval_nll"} <= set(record["evaluations"][0])
 
 
-def test_glue_hub_path_mnli_with_a_stand_in_for_the_hub(tiny_model, tmp_path, monkeypatch):
+def test_glue_hub_path_mnli_with_a_stand_in_for_the_hub(tiny_bert, tmp_path, monkeypatch):
     # The GLUE code path (splits, columns, label names, official metrics) on a stand-in for nyu-mll/glue's mnli.
     import datasets
 
@@ -623,7 +595,7 @@ def test_glue_hub_path_mnli_with_a_stand_in_for_the_hub(tiny_model, tmp_path, mo
     monkeypatch.setattr(glue.datasets, "load_dataset", lambda *args, **kwargs: calls.append(args) or stand_in)
     output_dir = tmp_path / "mnli"
     final = glue.main(
-        ["--task_name", "MNLI", "--model_name_or_path", tiny_model, "--max_steps", "2", "--output_dir",
+        ["--task_name", "MNLI", "--model_name_or_path", tiny_bert, "--max_steps", "2", "--output_dir",
          str(output_dir), *FAST_TRAINING]
     )  # fmt: skip
     assert calls == [("nyu-mll/glue", "mnli")]

@@ -7,8 +7,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_bert_classifier
 from sklearn.utils.class_weight import compute_class_weight
-from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments, compute_class_weights
 
@@ -118,18 +119,6 @@ def test_arguments_errors(tmp_path, kwargs, match):
 # ---- SmoothingTrainer construction ----
 
 
-def _bert(**config_kwargs):
-    config = BertConfig(
-        vocab_size=24,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        **config_kwargs,
-    )
-    return BertForSequenceClassification(config)
-
-
 def _plain_args(tmp_path, **kwargs):
     return TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kwargs)
 
@@ -154,25 +143,28 @@ def _plain_args(tmp_path, **kwargs):
 def test_trainer_construction_errors(tmp_path, model_kwargs, trainer_kwargs, match):
     error = TypeError if trainer_kwargs.get("label_smoothing") == "0.1" else ValueError
     with pytest.raises(error, match=match):
-        SmoothingTrainer(model=_bert(**model_kwargs), args=_plain_args(tmp_path), **trainer_kwargs)
+        SmoothingTrainer(model=tiny_bert_classifier(**model_kwargs), args=_plain_args(tmp_path), **trainer_kwargs)
 
 
 def test_trainer_rejects_double_smoothing(tmp_path):
     args = _plain_args(tmp_path, label_smoothing_factor=0.1)
     with pytest.raises(ValueError, match="label_smoothing=0.2 and label_smoothing_factor=0.1 are both set"):
-        SmoothingTrainer(model=_bert(num_labels=3), args=args, label_smoothing=0.2)
+        SmoothingTrainer(model=tiny_bert_classifier(num_labels=3), args=args, label_smoothing=0.2)
 
 
 def test_trainer_balanced_weights_need_every_class(tmp_path):
     data = [{"input_ids": [2, 3], "label": 0}, {"input_ids": [4], "label": 2}]
     with pytest.raises(ValueError, match=r"classes \[1\] \(1 of 3\) have none"):
         SmoothingTrainer(
-            model=_bert(num_labels=3), args=_plain_args(tmp_path), train_dataset=data, class_weights="balanced"
+            model=tiny_bert_classifier(num_labels=3),
+            args=_plain_args(tmp_path),
+            train_dataset=data,
+            class_weights="balanced",
         )
 
 
 def test_trainer_options_from_plain_arguments_and_overrides(tmp_path):
-    model = _bert(num_labels=3)
+    model = tiny_bert_classifier(num_labels=3)
     trainer = SmoothingTrainer(model=model, args=_plain_args(tmp_path))
     assert (trainer.label_smoothing, trainer.smoothing_style, trainer.weight_mode) == (0.1, "uniform", "example")
     assert trainer.class_weights is None and not trainer.shift_labels
@@ -248,7 +240,7 @@ def test_torch_mode_warning_only_when_weights_reshape_smoothing(
     else:
         args, kwargs = SmoothingTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **options), {}
     with caplog.at_level("WARNING"):
-        SmoothingTrainer(model=_bert(num_labels=3), args=args, train_dataset=data, **kwargs)
+        SmoothingTrainer(model=tiny_bert_classifier(num_labels=3), args=args, train_dataset=data, **kwargs)
     warned = _torch_mode_warnings(caplog)
     if weight_mode == "torch" and label_smoothing > 0 and class_weights is not None:
         assert len(warned) == 1
@@ -260,5 +252,7 @@ def test_torch_mode_warning_only_when_weights_reshape_smoothing(
 def test_torch_mode_warning_with_the_base_smoothing_factor(tmp_path, caplog):
     args = _plain_args(tmp_path, label_smoothing_factor=0.2)
     with caplog.at_level("WARNING"):
-        SmoothingTrainer(model=_bert(num_labels=3), args=args, weight_mode="torch", class_weights=[1.0, 2.0, 3.0])
+        SmoothingTrainer(
+            model=tiny_bert_classifier(num_labels=3), args=args, weight_mode="torch", class_weights=[1.0, 2.0, 3.0]
+        )
     assert len(_torch_mode_warnings(caplog)) == 1

@@ -28,11 +28,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
-from hf_lsce.checks import DEFAULT_LABEL_SMOOTHING, IGNORE_INDEX, check_class_weight_values, check_labels, describe
-from hf_lsce.class_weights import check_class_weights, compute_class_weights
+from hf_lsce.checks import IGNORE_INDEX, check_class_weight_values, check_labels, describe
+from hf_lsce.class_weights import compute_class_weights
 from hf_lsce.fused import empty_cache
 from hf_lsce.loss import label_smoothed_cross_entropy, mean_denominator
-from hf_lsce.training_args import check_no_double_smoothing, check_smoothing_options
+from hf_lsce.training_args import SmoothingArguments, SmoothingTrainingArguments
 
 logger = logging.get_logger(__name__)
 
@@ -40,10 +40,10 @@ logger = logging.get_logger(__name__)
 CLASS_WEIGHTS_NAME = "class_weights.json"
 
 
-def _warn_if_weights_reshape_smoothing(weight_mode: str, label_smoothing: float, class_weights: object) -> None:
-    if weight_mode == "torch" and label_smoothing > 0 and class_weights is not None:
+def _warn_if_weights_reshape_smoothing(args: SmoothingArguments) -> None:
+    if args.weight_mode == "torch" and args.label_smoothing > 0 and args.class_weights is not None:
         logger.warning(
-            f"weight_mode='torch' with label_smoothing={label_smoothing} and class weights: as in "
+            f"weight_mode='torch' with label_smoothing={args.label_smoothing} and class weights: as in "
             "F.cross_entropy(weight=...), the weights also multiply each class's term of the smoothed target, so the "
             "smoothing mass moves towards heavily weighted classes (for one example the loss is minimized at "
             "p_c proportional to w_c * q_c, q the smoothed target), which can make a model predict the rarest class "
@@ -80,10 +80,13 @@ class SmoothingTrainer(Trainer):
     over labelled positions), comparable across runs with different ``eps``.
 
     Args:
-        model, args, **kwargs: as for `transformers.Trainer`. ``args`` may be a `SmoothingTrainingArguments` or a
-            plain `TrainingArguments`; in the latter case the options below default to ``label_smoothing=0.1``,
-            ``"uniform"``, ``"example"`` and no weights. A base ``label_smoothing_factor > 0`` is used as ``eps`` when
-            ``label_smoothing`` is 0 or not given (`Trainer`'s own `LabelSmoother` never runs); both > 0 is an error.
+        model, args, **kwargs: as for `transformers.Trainer`. ``args`` is resolved once, at construction, into
+            ``args_class`` (`SmoothingTrainingArguments`) with `SmoothingArguments.from_arguments`: a plain
+            `TrainingArguments` is converted (every field kept), the keyword options below override into a copy and
+            are validated by the same rule, and the trainer reads ``self.args`` only after that. The defaults are the
+            fields' (``label_smoothing=0.1``, ``"uniform"``, ``"example"``, no weights); a base
+            ``label_smoothing_factor > 0`` alone is used as ``label_smoothing`` (`Trainer`'s own `LabelSmoother`
+            never runs); both > 0 is an error.
         label_smoothing (`float`, *optional*): overrides ``args.label_smoothing``.
         smoothing_style (`str`, *optional*): overrides ``args.smoothing_style``.
         weight_mode (`str`, *optional*): overrides ``args.weight_mode``.
@@ -94,6 +97,8 @@ class SmoothingTrainer(Trainer):
         shift_labels (`bool`, *optional*): force (True) or forbid (False) the causal-LM shift; None detects it.
     """
 
+    # The arguments class the options are resolved into (a `TrainingArguments` subclass with `SmoothingArguments`).
+    args_class: type[SmoothingArguments] = SmoothingTrainingArguments
     # This trainer owns `training_step`; the flag tells any Transformers code that reads it that `compute_loss`
     # returns a loss already normalized over the accumulation window.
     loss_is_scaled_for_ga = True
@@ -112,34 +117,20 @@ class SmoothingTrainer(Trainer):
     ) -> None:
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("SmoothingTrainer computes the loss itself; compute_loss_func must be None")
-        label_smoothing_given = label_smoothing is not None
         if shift_labels not in (None, True, False):
             raise ValueError(f"shift_labels must be None (detect), True or False, got {shift_labels!r}")
-        # Options are resolved and validated before the (slow) base constructor, so bad input fails fast.
-        if label_smoothing is None:
-            label_smoothing = getattr(args, "label_smoothing", DEFAULT_LABEL_SMOOTHING)
-        self.smoothing_style = (
-            smoothing_style if smoothing_style is not None else getattr(args, "smoothing_style", "uniform")
+        # Resolved and validated once, before the (slow) base constructor, so bad input fails fast; from here on the
+        # options are read from `self.args` only.
+        args = self.args_class.from_arguments(
+            args,
+            label_smoothing=label_smoothing,
+            smoothing_style=smoothing_style,
+            weight_mode=weight_mode,
+            class_weights=class_weights,
         )
-        self.weight_mode = weight_mode if weight_mode is not None else getattr(args, "weight_mode", "example")
-        check_smoothing_options(label_smoothing, self.smoothing_style, self.weight_mode)
-        factor = getattr(args, "label_smoothing_factor", 0.0)
-        explicit = label_smoothing_given or hasattr(args, "label_smoothing")
-        if factor > 0 and (label_smoothing == 0 or not explicit):
-            # The base option alone keeps its `Trainer` meaning (uniform smoothing of that size), applied here
-            # instead of by `Trainer`'s `LabelSmoother`.
-            label_smoothing = factor
-        elif explicit:
-            check_no_double_smoothing(label_smoothing, factor)
-        self.label_smoothing = label_smoothing
-        if class_weights is None:
-            class_weights = getattr(args, "class_weights", None)
-        class_weights = check_class_weights(class_weights)
-        _warn_if_weights_reshape_smoothing(self.weight_mode, self.label_smoothing, class_weights)
+        _warn_if_weights_reshape_smoothing(args)
 
         super().__init__(model, args, *trainer_args, **kwargs)
-        # `Trainer` builds a `LabelSmoother` from `label_smoothing_factor`; the smoothing above replaces it.
-        self.label_smoother = None
         self._window_denominator: float | None = None
         self._eval_totals: Tensor | None = None
         self._weights_on_device: dict[torch.device, Tensor] = {}
@@ -150,6 +141,7 @@ class SmoothingTrainer(Trainer):
         if self.model is not None:
             self._inspect_model(shift_labels)
 
+        class_weights = self.args.class_weights
         self.class_weights_method = "balanced" if class_weights == "balanced" else "given"
         self.class_weights: Tensor | None = None
         if class_weights == "balanced":
@@ -157,6 +149,20 @@ class SmoothingTrainer(Trainer):
             logger.info(f"Balanced class weights from the training set: {self.class_weights.tolist()}")
         elif class_weights is not None:
             self._set_class_weights(torch.tensor(class_weights, dtype=torch.float64))
+
+    # The options as the trainer uses them (read-only views of `self.args`).
+
+    @property
+    def label_smoothing(self) -> float:
+        return self.args.label_smoothing
+
+    @property
+    def smoothing_style(self) -> str:
+        return self.args.smoothing_style
+
+    @property
+    def weight_mode(self) -> str:
+        return self.args.weight_mode
 
     # ---- Construction ----
 
@@ -266,7 +272,8 @@ class SmoothingTrainer(Trainer):
                 raise ValueError("SmoothingTrainer needs 'labels' in every training batch")
             targets = self._targets(batch).to(device)
             self._check_label_range(targets)
-            total += mean_denominator(targets, self._weight_on(device), IGNORE_INDEX, weight_mode=self.weight_mode)
+            weight = self._weight_on(device)
+            total += mean_denominator(targets, weight, IGNORE_INDEX, weight_mode=self.args.weight_mode)
         if self.accelerator.num_processes > 1:
             total = self.accelerator.reduce(total, reduction="sum")
         # One host sync per optimizer step: the reduce above has synchronized anyway.
@@ -309,7 +316,7 @@ class SmoothingTrainer(Trainer):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         targets = self._targets({"labels": labels, "shift_labels": shift_target})
         weight = self._weight_on(logits.device)
-        options = {"smoothing_style": self.smoothing_style, "weight_mode": self.weight_mode}
+        options = {"smoothing_style": self.args.smoothing_style, "weight_mode": self.args.weight_mode}
 
         if model.training and self._window_denominator is not None:
             # Dividing by (global sum / num_processes) scales each process's loss by num_processes, which DDP's
@@ -317,14 +324,14 @@ class SmoothingTrainer(Trainer):
             # a zero sum; then every local sum is zero too, and normalizer=None gives 0 with zero gradients, no NaN.
             normalizer = self._window_denominator / self.accelerator.num_processes or None
             loss = label_smoothed_cross_entropy(
-                logits, targets, weight, IGNORE_INDEX, "mean", self.label_smoothing,
+                logits, targets, weight, IGNORE_INDEX, "mean", self.args.label_smoothing,
                 normalizer=normalizer, validate=False, **options,
             )  # fmt: skip
         else:
             total = label_smoothed_cross_entropy(
-                logits, targets, weight, IGNORE_INDEX, "sum", self.label_smoothing, **options
+                logits, targets, weight, IGNORE_INDEX, "sum", self.args.label_smoothing, **options
             )
-            denominator = mean_denominator(targets, weight, IGNORE_INDEX, weight_mode=self.weight_mode)
+            denominator = mean_denominator(targets, weight, IGNORE_INDEX, weight_mode=self.args.weight_mode)
             loss = total / denominator if denominator > 0 else total * 0
             if self._eval_totals is not None:
                 nll = label_smoothed_cross_entropy(logits.detach(), targets, reduction="sum")

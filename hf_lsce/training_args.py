@@ -1,42 +1,38 @@
-"""`SmoothingTrainingArguments`: the options of `SmoothingTrainer`, parsed like every `TrainingArguments` field."""
+"""`SmoothingTrainingArguments`: the options of `SmoothingTrainer`, parsed like every `TrainingArguments` field.
+
+The options are the fields of the dataclass mixin `SmoothingArguments`, so that any arguments class
+(`TrainingArguments`, `Seq2SeqTrainingArguments`, TRL's `SFTConfig`) can take them:
+``@dataclass class C(SmoothingArguments, Base)``.
+Each option has its default here, once, and is validated by one rule, in ``__post_init__``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum
 
 from transformers import TrainingArguments
 
 from hf_lsce.checks import DEFAULT_LABEL_SMOOTHING, SMOOTHING_STYLES, WEIGHT_MODES, check_choice, check_number
 from hf_lsce.class_weights import check_class_weights
 
-
-def check_smoothing_options(label_smoothing: object, smoothing_style: object, weight_mode: object) -> None:
-    """Raises a ValueError (TypeError for a non-number) naming the option, what is allowed and the value received."""
-    check_number("label_smoothing", label_smoothing, low=0, high=1)
-    check_choice("smoothing_style", smoothing_style, SMOOTHING_STYLES)
-    check_choice("weight_mode", weight_mode, WEIGHT_MODES)
-
-
-def check_no_double_smoothing(label_smoothing: float, label_smoothing_factor: float) -> None:
-    # Transformers' own `LabelSmoother` reads `label_smoothing_factor`; both set would smooth (or at least read) twice.
-    if label_smoothing > 0 and label_smoothing_factor > 0:
-        raise ValueError(
-            f"label_smoothing={label_smoothing} and label_smoothing_factor={label_smoothing_factor} are both set: "
-            "SmoothingTrainer smooths with label_smoothing; set label_smoothing_factor=0"
-        )
+SMOOTHING_OPTIONS = ("label_smoothing", "smoothing_style", "weight_mode", "class_weights")
 
 
 @dataclass
-class SmoothingTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the options of `SmoothingTrainer`'s loss.
+class SmoothingArguments:
+    """The options of `SmoothingTrainer`'s loss, as dataclass fields for any `TrainingArguments` subclass.
 
     Every field has ``metadata={"help": ...}``, so `HfArgumentParser` reads them from the command line
     (``--label_smoothing 0.1 --class_weights balanced`` or ``--class_weights 1.0 2.5``) and from YAML/JSON files.
 
     Args:
         label_smoothing (`float`, *optional*, defaults to `0.1`): ``eps`` in [0, 1] of
-            `hf_lsce.label_smoothed_cross_entropy`. It replaces the base ``label_smoothing_factor``: setting both
-            above 0 raises a ValueError.
+            `hf_lsce.label_smoothed_cross_entropy`. None (not given) resolves to the base ``label_smoothing_factor``
+            when that is > 0, else to 0.1. It replaces ``label_smoothing_factor``: both > 0 raises a ValueError. After
+            ``__post_init__`` it holds the eps in use and ``label_smoothing_factor`` is 0, so Transformers'
+            `LabelSmoother` never runs as well.
         smoothing_style (`str`, *optional*, defaults to `"uniform"`): ``"uniform"`` (PyTorch, Transformers'
             `LabelSmoother`) or ``"off_target"`` (fairseq).
         weight_mode (`str`, *optional*, defaults to `"example"`): ``"example"`` (each position's smoothed loss scaled
@@ -48,11 +44,12 @@ class SmoothingTrainingArguments(TrainingArguments):
             no weights.
     """
 
-    label_smoothing: float = field(
-        default=DEFAULT_LABEL_SMOOTHING,
+    label_smoothing: float | None = field(
+        default=None,
         metadata={
-            "help": "Label smoothing epsilon in [0, 1] of SmoothingTrainer's loss (0 disables smoothing). "
-            "Replaces label_smoothing_factor: do not set both."
+            "help": f"Label smoothing epsilon in [0, 1] of SmoothingTrainer's loss (0 disables smoothing; default "
+            f"{DEFAULT_LABEL_SMOOTHING}, or label_smoothing_factor when only that is set). Replaces "
+            "label_smoothing_factor: do not set both above 0."
         },
     )
     smoothing_style: str = field(
@@ -84,6 +81,89 @@ class SmoothingTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        check_smoothing_options(self.label_smoothing, self.smoothing_style, self.weight_mode)
+        factor = self.label_smoothing_factor
+        check_number("label_smoothing_factor", factor, low=0, high=1)
+        if self.label_smoothing is not None:
+            check_number("label_smoothing", self.label_smoothing, low=0, high=1)
+        if factor > 0:
+            # The base option keeps its `Trainer` meaning (smoothing of that size), applied by our loss instead of
+            # Transformers' `LabelSmoother`; an explicit 0 does not cancel it (it is what the base option replaces).
+            if self.label_smoothing:
+                raise ValueError(
+                    f"label_smoothing={self.label_smoothing} and label_smoothing_factor={factor} are both set: "
+                    "SmoothingTrainer smooths with label_smoothing; set label_smoothing_factor=0"
+                )
+            self.label_smoothing = factor
+        elif self.label_smoothing is None:
+            self.label_smoothing = DEFAULT_LABEL_SMOOTHING
+        # Resolved once: the arguments now say what runs, and building them again from their fields gives the same.
+        self.label_smoothing_factor = 0.0
+        check_choice("smoothing_style", self.smoothing_style, SMOOTHING_STYLES)
+        check_choice("weight_mode", self.weight_mode, WEIGHT_MODES)
         self.class_weights = check_class_weights(self.class_weights)
-        check_no_double_smoothing(self.label_smoothing, self.label_smoothing_factor)
+
+    @classmethod
+    def from_arguments(cls, args: TrainingArguments | None, **options) -> SmoothingArguments:
+        """``args`` as an instance of this class, with the smoothing ``options`` that are not None overriding its own.
+
+        A plain `TrainingArguments` (or any arguments object whose fields this class has) is converted as TRL's
+        `SFTTrainer` converts it into `SFTConfig`: every field is carried over (secrets such as ``hub_token``
+        included, which ``to_dict()`` would hide) and the new object is validated by ``__post_init__``. ``args`` that
+        are already an instance of this class are returned as they are when there is nothing to override, else
+        copied (as their own class) with the options applied. None gives this class's defaults.
+
+        Raises:
+            `TypeError`: an unknown option, or ``args`` with non-default fields this class lacks (e.g. a
+                `Seq2SeqTrainingArguments` with ``predict_with_generate=True`` given to `SmoothingTrainer`).
+        """
+        unknown = sorted(set(options) - set(SMOOTHING_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown smoothing options {unknown}; allowed: {', '.join(SMOOTHING_OPTIONS)}")
+        options = {name: value for name, value in options.items() if value is not None}
+        if args is None:
+            return cls(**options)
+        if not isinstance(args, TrainingArguments):
+            raise TypeError(f"args must be a TrainingArguments (or None), got {type(args).__name__}")
+        target = type(args) if isinstance(args, cls) else cls
+        if target is type(args) and not options:
+            return args
+        accepted = {f.name for f in dataclasses.fields(target) if f.init}
+        values = {}
+        for f in dataclasses.fields(args):
+            if not f.init:
+                continue
+            value = getattr(args, f.name)
+            if f.name in accepted:
+                values[f.name] = _plain(value)
+            elif not _is_default(f, value):
+                raise TypeError(
+                    f"args is a {type(args).__name__} whose field {f.name}={value!r} {target.__name__} does not have; "
+                    f"pass arguments of a class that combines both (e.g. @dataclass class C(SmoothingArguments, "
+                    f"{type(args).__name__}) and a trainer whose args_class is C)"
+                )
+        return target(**{**values, **options})
+
+
+def _plain(value: object) -> object:
+    # `__post_init__` turns strings into enums; the constructor takes either, as `to_dict()` gives them.
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, list) and value and isinstance(value[0], Enum):
+        return [item.value for item in value]
+    return value
+
+
+def _is_default(f: dataclasses.Field, value: object) -> bool:
+    if f.default is not dataclasses.MISSING:
+        return _plain(value) == _plain(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return _plain(value) == _plain(f.default_factory())
+    return False
+
+
+@dataclass
+class SmoothingTrainingArguments(SmoothingArguments, TrainingArguments):
+    __doc__ = (
+        "`TrainingArguments` plus the options of `SmoothingTrainer`'s loss (the fields of `SmoothingArguments`).\n"
+        + SmoothingArguments.__doc__.split("\n", 1)[1]
+    )

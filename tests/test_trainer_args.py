@@ -1,5 +1,6 @@
 """SmoothingTrainingArguments, compute_class_weights and SmoothingTrainer's construction errors."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_bert_classifier
 from sklearn.utils.class_weight import compute_class_weight
 from transformers import HfArgumentParser, TrainingArguments
@@ -106,7 +108,11 @@ def test_arguments_parse_from_yaml(tmp_path, value, expected):
         ({"class_weights": [1.0]}, r"class_weights must hold one weight per class \(at least 2\), got \[1.0\]"),
         ({"class_weights": [0.0, 0.0]}, r"class_weights must not be all zero, got \[0.0, 0.0\]"),
         ({"class_weights": ["1.0", "nan"]}, r"class_weights must be finite and non-negative, got \[1.0, nan\]"),
-        ({"label_smoothing_factor": 0.1}, "label_smoothing=0.1 and label_smoothing_factor=0.1 are both set"),
+        (
+            {"label_smoothing": 0.2, "label_smoothing_factor": 0.1},
+            "label_smoothing=0.2 and label_smoothing_factor=0.1 are both set",
+        ),
+        ({"label_smoothing_factor": 1.5}, r"label_smoothing_factor must be a float in \[0, 1\], got 1.5"),
     ],
 )
 def test_arguments_errors(tmp_path, kwargs, match):
@@ -256,3 +262,81 @@ def test_torch_mode_warning_with_the_base_smoothing_factor(tmp_path, caplog):
             model=tiny_bert_classifier(num_labels=3), args=args, weight_mode="torch", class_weights=[1.0, 2.0, 3.0]
         )
     assert len(_torch_mode_warnings(caplog)) == 1
+
+
+# ---- options resolved once into the arguments ----
+
+
+def test_label_smoothing_factor_alone_keeps_its_base_meaning(tmp_path):
+    parser = HfArgumentParser(SmoothingTrainingArguments)
+    cli = ["--output_dir", str(tmp_path), "--report_to", "none", "--use_cpu", "true"]
+    cli += ["--label_smoothing_factor", "0.2"]
+    (args,) = parser.parse_args_into_dataclasses(cli)
+    # Resolved into label_smoothing; the base option is spent, so Transformers' LabelSmoother is never built.
+    assert (args.label_smoothing, args.label_smoothing_factor) == (0.2, 0.0)
+    model = tasks.model("seq_cls")
+    trainer = SmoothingTrainer(model=model, args=args)
+    assert trainer.label_smoother is None and trainer.label_smoothing == 0.2
+    batch = tasks.collator("seq_cls")(tasks.examples("seq_cls"))
+    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    torch.testing.assert_close(loss, F.cross_entropy(outputs.logits, batch["labels"], label_smoothing=0.2))
+    # Building the arguments again from their own fields gives the same (no "both are set" on a copy).
+    copy = SmoothingTrainingArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+    assert (copy.label_smoothing, copy.label_smoothing_factor) == (0.2, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("label_smoothing", "factor", "expected"),
+    [(None, 0.0, 0.1), (None, 0.2, 0.2), (0.0, 0.2, 0.2), (0.0, 0.0, 0.0), (0.3, 0.0, 0.3), (1.0, 0.0, 1.0)],
+)
+def test_label_smoothing_resolution(tmp_path, label_smoothing, factor, expected):
+    args = SmoothingTrainingArguments(
+        output_dir=str(tmp_path), report_to=[], label_smoothing=label_smoothing, label_smoothing_factor=factor
+    )
+    assert (args.label_smoothing, args.label_smoothing_factor) == (expected, 0.0)
+
+
+def test_plain_arguments_are_converted_with_every_field(tmp_path):
+    plain = _plain_args(
+        tmp_path, learning_rate=3e-4, lr_scheduler_type="cosine", save_strategy="steps", save_steps=7,
+        hub_token="secret-token", seed=123, label_smoothing_factor=0.05,
+    )  # fmt: skip
+    trainer = SmoothingTrainer(model=tiny_bert_classifier(num_labels=3), args=plain, weight_mode="torch")
+    args = trainer.args
+    assert type(args) is SmoothingTrainingArguments
+    assert args.hub_token == "secret-token"  # `to_dict()` hides it; the conversion must not lose it
+    converted, original = args.to_dict(), plain.to_dict()
+    for name in ("label_smoothing", "smoothing_style", "weight_mode", "class_weights"):
+        converted.pop(name)
+    assert converted.pop("label_smoothing_factor") == 0.0 and original.pop("label_smoothing_factor") == 0.05
+    assert converted == original
+    assert (args.label_smoothing, args.weight_mode) == (0.05, "torch")
+    assert plain.label_smoothing_factor == 0.05 and not hasattr(plain, "label_smoothing")  # the caller's is untouched
+
+
+def test_keyword_options_override_into_a_copy(tmp_path):
+    args = SmoothingTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, class_weights=[1, 2, 3])
+    model = tiny_bert_classifier(num_labels=3)
+    assert SmoothingTrainer(model=model, args=args).args is args  # nothing to override: used as is
+    trainer = SmoothingTrainer(model=model, args=args, label_smoothing=0.3, smoothing_style="off_target")
+    assert trainer.args is not args and type(trainer.args) is SmoothingTrainingArguments
+    assert (trainer.args.label_smoothing, trainer.args.smoothing_style, trainer.args.class_weights) == (
+        0.3,
+        "off_target",
+        [1.0, 2.0, 3.0],
+    )
+    assert (args.label_smoothing, args.smoothing_style) == (0.1, "uniform")
+    # The trainer's views are the arguments'.
+    assert (trainer.label_smoothing, trainer.smoothing_style, trainer.weight_mode) == (0.3, "off_target", "example")
+
+
+def test_arguments_of_another_class_are_refused_when_fields_would_be_lost(tmp_path):
+    from transformers import Seq2SeqTrainingArguments
+
+    common = {"output_dir": str(tmp_path), "report_to": [], "use_cpu": True}
+    # Only default values of fields SmoothingTrainingArguments lacks: nothing is lost.
+    trainer = SmoothingTrainer(model=tiny_bert_classifier(num_labels=3), args=Seq2SeqTrainingArguments(**common))
+    assert type(trainer.args) is SmoothingTrainingArguments
+    with pytest.raises(TypeError, match=r"field predict_with_generate=True SmoothingTrainingArguments does not have"):
+        args = Seq2SeqTrainingArguments(predict_with_generate=True, **common)
+        SmoothingTrainer(model=tiny_bert_classifier(num_labels=3), args=args)

@@ -104,17 +104,21 @@ class SmoothingArguments:
 
     @classmethod
     def from_arguments(cls, args: TrainingArguments | None, **options) -> SmoothingArguments:
-        """``args`` as an instance of this class, with the smoothing ``options`` that are not None overriding its own.
+        """``args`` with the smoothing ``options`` that are not None overriding its own, as arguments with every field
+        of this class.
 
-        A plain `TrainingArguments` (or any arguments object whose fields this class has) is converted as TRL's
-        `SFTTrainer` converts it into `SFTConfig`: every field is carried over (secrets such as ``hub_token``
-        included, which ``to_dict()`` would hide) and the new object is validated by ``__post_init__``. ``args`` that
-        are already an instance of this class are returned as they are when there is nothing to override, else
-        copied (as their own class) with the options applied. None gives this class's defaults.
+        Arguments that already have the smoothing options and every field of this class (e.g.
+        `SmoothingSeq2SeqTrainingArguments` for `SmoothingTrainingArguments`) keep their class: they are returned as
+        they are when there is nothing to override, else copied with the options applied. Any other
+        `TrainingArguments` (a plain one, an `SFTConfig` for `SmoothingSFTConfig`) is converted into this class, as
+        TRL's `SFTTrainer` converts arguments into `SFTConfig`: every field is carried over (secrets such as
+        ``hub_token`` included, which ``to_dict()`` would hide) and the new object is validated by
+        ``__post_init__``. None gives this class's defaults with the options.
 
         Raises:
-            `TypeError`: an unknown option, or ``args`` with non-default fields this class lacks (e.g. a
-                `Seq2SeqTrainingArguments` with ``predict_with_generate=True`` given to `SmoothingTrainer`).
+            `TypeError`: an unknown option, or ``args`` with fields this class lacks (e.g. a
+                `Seq2SeqTrainingArguments` given to `SmoothingTrainer`: use `SmoothingSeq2SeqTrainer`), which the
+                conversion would drop.
         """
         unknown = sorted(set(options) - set(SMOOTHING_OPTIONS))
         if unknown:
@@ -124,23 +128,21 @@ class SmoothingArguments:
             return cls(**options)
         if not isinstance(args, TrainingArguments):
             raise TypeError(f"args must be a TrainingArguments (or None), got {type(args).__name__}")
-        target = type(args) if isinstance(args, cls) else cls
+        own = {f.name for f in dataclasses.fields(cls) if f.init}
+        given = {f.name for f in dataclasses.fields(args) if f.init}
+        target = type(args) if isinstance(args, SmoothingArguments) and own <= given else cls
         if target is type(args) and not options:
             return args
-        accepted = {f.name for f in dataclasses.fields(target) if f.init}
-        values = {}
-        for f in dataclasses.fields(args):
-            if not f.init:
-                continue
-            value = getattr(args, f.name)
-            if f.name in accepted:
-                values[f.name] = _plain(value)
-            elif not _is_default(f, value):
-                raise TypeError(
-                    f"args is a {type(args).__name__} whose field {f.name}={value!r} {target.__name__} does not have; "
-                    f"pass arguments of a class that combines both (e.g. @dataclass class C(SmoothingArguments, "
-                    f"{type(args).__name__}) and a trainer whose args_class is C)"
-                )
+        lacking = sorted(given - own) if target is cls else []
+        if lacking:
+            shown = ", ".join(lacking[:5]) + (", ..." if len(lacking) > 5 else "")
+            raise TypeError(
+                f"args is a {type(args).__name__}, whose fields {shown} {cls.__name__} does not have; use a trainer "
+                "whose arguments have them (SmoothingSeq2SeqTrainer for Seq2SeqTrainingArguments, "
+                "SmoothingSFTTrainer for SFTConfig) or set args_class to a dataclass combining SmoothingArguments and "
+                f"{type(args).__name__}"
+            )
+        values = {name: _plain(getattr(args, name)) for name in given}
         return target(**{**values, **options})
 
 
@@ -151,14 +153,6 @@ def _plain(value: object) -> object:
     if isinstance(value, list) and value and isinstance(value[0], Enum):
         return [item.value for item in value]
     return value
-
-
-def _is_default(f: dataclasses.Field, value: object) -> bool:
-    if f.default is not dataclasses.MISSING:
-        return _plain(value) == _plain(f.default)
-    if f.default_factory is not dataclasses.MISSING:
-        return _plain(value) == _plain(f.default_factory())
-    return False
 
 
 @dataclass

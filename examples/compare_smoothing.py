@@ -64,8 +64,8 @@ from common import (
 # paste_into_readme: benchmarks/report.py imports it from here.
 from compare_report import paste_into_readme, write_report  # noqa: F401
 
-from hf_lsce.calibration import apply_temperature, fit_temperature
-from hf_lsce.metrics import classification_metrics, reliability_bins, softmax
+from hf_lsce.evaluation.calibration import apply_temperature, fit_temperature
+from hf_lsce.evaluation.metrics import classification_metrics, reliability_bins, softmax
 
 GLUE_SCRIPT = Path(__file__).resolve().parent / "glue.py"
 HISTOGRAM_BINS = 20

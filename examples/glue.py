@@ -32,9 +32,9 @@ Output, written by the main process into `--output_dir`:
   * `predictions.npz`: `<split>_logits` (float32, N x K) and `<split>_labels` (int64) for every split in `final`.
   * the model, only if `--save_strategy` is not "no".
 
-Metrics (from `hf_lsce.metrics`, computed on every process from the gathered predictions): accuracy, macro_f1, mcc,
-nll, ece (15 equal-width confidence bins), brier, and f1 of class 1 for binary tasks; plus the Trainer's `loss`
-(smoothed, weighted) and `nll` (plain cross-entropy, which is also what `nll` reports).
+Metrics (from `hf_lsce.evaluation.metrics`, computed on every process from the gathered predictions): accuracy,
+macro_f1, mcc, nll, ece (15 equal-width confidence bins), brier, and f1 of class 1 for binary tasks; plus the
+Trainer's `loss` (smoothed, weighted) and `nll` (plain cross-entropy, which is also what `nll` reports).
 """
 
 import time
@@ -60,7 +60,7 @@ from pypi_corpora import LOADERS
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments
-from hf_lsce.metrics import ClassificationMetric
+from hf_lsce.evaluation.evaluate_metrics import ClassificationMetric
 
 # task: (text columns, official metrics). The official metric of each task is GLUE's (Wang et al. 2019).
 GLUE_TASKS = {

@@ -21,11 +21,11 @@ Launch:
 Options: as `examples/glue.py` (every `SmoothingTrainingArguments` flag, `--config file.yaml`, flags override it).
 
 Metrics: entity-level `precision`, `recall`, `f1` (micro over entities, conlleval's chunking, see
-`hf_lsce.metrics.entity_metrics`) and `<TYPE>_f1`; token `accuracy` (the metric to read for tag sets without B-/I-
-prefixes, such as POS); and over labeled tokens the calibration metrics `ece` and `brier`, plus the Trainer's `loss`
-and `nll`. Output: `record.json` as for glue.py, and `predictions.npz` with `<split>_logits` (M x K, float32) and
-`<split>_labels` (M, int64) for the M labeled tokens of the split, in order (the layout of glue.py's, so the same
-calibration tools apply to tokens).
+`hf_lsce.evaluation.metrics.entity_metrics`) and `<TYPE>_f1`; token `accuracy` (the metric to read for tag sets
+without B-/I- prefixes, such as POS); and over labeled tokens the calibration metrics `ece` and `brier`, plus the
+Trainer's `loss` and `nll`. Output: `record.json` as for glue.py, and `predictions.npz` with `<split>_logits`
+(M x K, float32) and `<split>_labels` (M, int64) for the M labeled tokens of the split, in order (the layout of
+glue.py's, so the same calibration tools apply to tokens).
 """
 
 import time
@@ -50,7 +50,8 @@ from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokeni
 from transformers.utils import logging
 
 from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments
-from hf_lsce.metrics import EntityMetric, classification_metrics
+from hf_lsce.evaluation.evaluate_metrics import EntityMetric
+from hf_lsce.evaluation.metrics import classification_metrics
 
 logger = logging.get_logger(__name__)
 

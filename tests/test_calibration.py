@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_lsce.calibration import apply_temperature, fit_temperature, temperature_nll
+from hf_lsce.evaluation.calibration import apply_temperature, fit_temperature, temperature_nll
 
 
 def _calibrated_fixture(n=4000, num_classes=3, seed=0):

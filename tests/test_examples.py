@@ -430,7 +430,7 @@ def test_glue_end_to_end_rotten_tomatoes(tiny_bert, rotten_file, tmp_path):
     assert record["config"]["label_smoothing"] == 0.1 and record["config"]["dataset"] == "rotten_tomatoes"
     assert record["device"] == "cpu"
     # The record's metrics are those of the saved predictions.
-    from hf_lsce.metrics import classification_metrics
+    from hf_lsce.evaluation.metrics import classification_metrics
 
     recomputed = classification_metrics(arrays["test_logits"], arrays["test_labels"])
     assert recomputed["accuracy"] == pytest.approx(record["final"]["test"]["accuracy"])

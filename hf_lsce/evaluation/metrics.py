@@ -1,7 +1,7 @@
-"""Classification, calibration and entity-level metrics that work offline.
+"""Classification, calibration and entity-level metrics as NumPy functions (no Hub, no `evaluate`).
 
-Every metric on the Hugging Face Hub (``evaluate.load("accuracy")``) needs the Hub, so hf_lsce ships its own: plain
-NumPy functions, which are the one implementation, and thin ``evaluate.Metric`` wrappers around them.
+Every metric on the Hugging Face Hub (``evaluate.load("accuracy")``) needs the Hub, so hf_lsce ships its own. These
+functions are the one implementation; :mod:`hf_lsce.evaluation.evaluate_metrics` wraps them as ``evaluate.Metric``s.
 
 * :func:`classification_metrics`: accuracy, macro-F1, MCC, and the calibration metrics NLL, ECE and Brier score
   (plus binary F1 when there are two classes), from logits.
@@ -9,28 +9,20 @@ NumPy functions, which are the one implementation, and thin ``evaluate.Metric`` 
 * :func:`entity_metrics`: entity-level precision, recall and F1 over BIO/IOB spans (the conlleval / ``seqeval``
   default convention) plus token accuracy, for token classification.
 
-The wrappers can be used directly (``ClassificationMetric().compute(predictions=logits, references=labels)``) or
-loaded from this file with ``evaluate.load(hf_lsce.metrics.__file__)``, which returns :class:`ClassificationMetric`
-(``evaluate`` picks the first metric class of a module).
-
-This module needs ``numpy`` and ``evaluate`` (``pip install "hf-lsce[examples]"``); ``import hf_lsce`` does not
-import it, so the loss and trainer stay usable without them.
+This module needs NumPy (and PyTorch, a core dependency, for the shared label check): importing it loads neither
+Transformers, ``datasets`` nor ``evaluate``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import datasets
-import evaluate
 import numpy as np
 import torch
 
 from hf_lsce.checks import check_labels
 
 __all__ = [
-    "ClassificationMetric",
-    "EntityMetric",
     "classification_metrics",
     "entity_metrics",
     "entity_spans",
@@ -263,53 +255,3 @@ def entity_metrics(predictions: Sequence[Sequence[str]], references: Sequence[Se
         of_kind = [{span for span in spans if span[1] == kind} for spans in (true_spans, pred_spans)]
         metrics[f"{kind}_f1"] = scores(*of_kind)[2]
     return metrics
-
-
-_CITATION = """\
-@inproceedings{guo2017calibration,
-  title={On Calibration of Modern Neural Networks},
-  author={Guo, Chuan and Pleiss, Geoff and Sun, Yu and Weinberger, Kilian Q.},
-  booktitle={ICML},
-  year={2017}
-}
-"""
-
-
-class ClassificationMetric(evaluate.Metric):
-    """`evaluate` wrapper of :func:`classification_metrics`: `predictions` are logits `(N, K)`, `references` labels.
-
-    `compute(predictions=..., references=..., n_bins=15)` returns the same dict as :func:`classification_metrics`.
-    """
-
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description="Accuracy, macro-F1, MCC, NLL, ECE (equal-width bins) and Brier score from logits.",
-            citation=_CITATION,
-            inputs_description="predictions: logits, a list of K floats per example; references: int labels.",
-            features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
-            ),
-        )
-
-    def _compute(self, predictions, references, n_bins: int = 15) -> dict[str, float]:
-        return classification_metrics(np.asarray(predictions), np.asarray(references), n_bins=n_bins)
-
-
-class EntityMetric(evaluate.Metric):
-    """`evaluate` wrapper of :func:`entity_metrics`: `predictions` and `references` are lists of tag strings."""
-
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description="Entity-level precision, recall and F1 over BIO spans (conlleval convention).",
-            citation="",
-            inputs_description="predictions, references: one list of tag strings per sequence.",
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Value("string")),
-                    "references": datasets.Sequence(datasets.Value("string")),
-                }
-            ),
-        )
-
-    def _compute(self, predictions, references) -> dict[str, float]:
-        return entity_metrics(predictions, references)

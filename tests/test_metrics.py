@@ -1,3 +1,4 @@
+import itertools
 import json
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from hf_lsce.evaluation.metrics import (
     entity_metrics,
     entity_spans,
     reliability_bins,
+    risk_coverage_curve,
+    selective_risk,
     softmax,
 )
 
@@ -40,7 +43,7 @@ def test_classification_metrics_match_sklearn(n, k, seed):
         assert got["f1"] == pytest.approx(skm.f1_score(labels, predictions))
     else:
         assert "f1" not in got
-    assert set(got) >= {"accuracy", "macro_f1", "mcc", "nll", "ece", "brier"}
+    assert set(got) >= {"accuracy", "macro_f1", "mcc", "nll", "ece", "brier", "aurc", "error_at_80_coverage"}
 
 
 def test_macro_f1_over_present_classes_and_degenerate_mcc():
@@ -84,6 +87,111 @@ def test_ece_is_zero_when_calibrated_and_large_when_overconfident():
     assert classification_metrics(np.log(probs), np.array([0, 0, 0, 1]))["ece"] == pytest.approx(0.0, abs=1e-12)
     overconfident = np.tile([20.0, 0.0], (4, 1))
     assert classification_metrics(overconfident, np.array([0, 1, 0, 1]))["ece"] == pytest.approx(0.5, abs=1e-6)
+
+
+def _logits_with_confidence(confidence, predicted_class, num_classes=2):
+    """Logits whose softmax gives `predicted_class` the probability `confidence` and the rest equal shares."""
+    probs = np.full((len(confidence), num_classes), 0.0)
+    for row, (top, predicted) in enumerate(zip(confidence, predicted_class)):
+        probs[row] = (1 - top) / (num_classes - 1)
+        probs[row, predicted] = top
+    return np.log(probs)
+
+
+def test_aurc_and_error_at_80_coverage_hand_computed():
+    # Five predictions, all of class 0, confidences 0.95, 0.9, 0.8, 0.7, 0.6 (already sorted); labels make the
+    # 2nd and 5th wrong. Errors in confidence order: 0, 1, 0, 0, 1. Selective risks r_k = errors among the k most
+    # confident / k: r_1 = 0, r_2 = 1/2, r_3 = 1/3, r_4 = 1/4, r_5 = 2/5.
+    # AURC = (0 + 1/2 + 1/3 + 1/4 + 2/5) / 5 = (30 + 20 + 15 + 24) / 60 / 5 = 89/300.
+    # 80 % coverage keeps ceil(0.8 * 5) = 4 predictions: error 1/4.
+    logits = _logits_with_confidence([0.95, 0.9, 0.8, 0.7, 0.6], [0] * 5)
+    labels = np.array([0, 1, 0, 0, 1])
+    curve = risk_coverage_curve(logits, labels)
+    np.testing.assert_allclose(curve["coverage"], [0.2, 0.4, 0.6, 0.8, 1.0])
+    np.testing.assert_allclose(curve["risk"], [0, 1 / 2, 1 / 3, 1 / 4, 2 / 5])
+    got = classification_metrics(logits, labels)
+    assert got["aurc"] == pytest.approx(89 / 300)
+    assert got["error_at_80_coverage"] == pytest.approx(1 / 4)
+    assert selective_risk(logits, labels, coverage=0.8) == pytest.approx(1 / 4)
+    assert selective_risk(logits, labels, coverage=1.0) == pytest.approx(1 - got["accuracy"])
+    # ceil(0.5 * 5) = 3 kept (the smallest count that covers 50 %); ceil(0.01 * 5) = 1.
+    assert selective_risk(logits, labels, coverage=0.5) == pytest.approx(1 / 3)
+    assert selective_risk(logits, labels, coverage=0.01) == 0.0
+
+    # The input order does not matter, only the confidences.
+    shuffle = np.array([3, 0, 4, 2, 1])
+    assert classification_metrics(logits[shuffle], labels[shuffle])["aurc"] == pytest.approx(89 / 300)
+
+
+def test_aurc_ties_are_averaged_over_their_orders():
+    # Confidences 0.9 (right), 0.6 (wrong), 0.6 (right), 0.5 (wrong). The two 0.6 predictions can come in either
+    # order: errors 0, 1, 0, 1 (risks 0, 1/2, 1/3, 1/2) or 0, 0, 1, 1 (risks 0, 0, 1/3, 1/2). Their average:
+    # r = 0, 1/4, 1/3, 1/2, so AURC = (0 + 1/4 + 1/3 + 1/2) / 4 = 13/48; 50 % coverage keeps 2: error 1/4.
+    logits = _logits_with_confidence([0.9, 0.6, 0.6, 0.5], [0, 0, 0, 0])
+    labels = np.array([0, 1, 0, 1])
+    np.testing.assert_allclose(risk_coverage_curve(logits, labels)["risk"], [0, 1 / 4, 1 / 3, 1 / 2])
+    assert classification_metrics(logits, labels)["aurc"] == pytest.approx(13 / 48)
+    assert selective_risk(logits, labels, coverage=0.5) == pytest.approx(1 / 4)
+    # Swapping the tied rows gives the same numbers; a sort that kept the input order would give 13/48 -+ 1/16.
+    swapped = [0, 2, 1, 3]
+    assert classification_metrics(logits[swapped], labels[swapped])["aurc"] == pytest.approx(13 / 48)
+
+
+def _aurc_by_enumerating_tie_orders(confidence, errors):
+    """Independent reference: the plain sorted AURC averaged over every order of every tie group."""
+    confidence, errors = np.asarray(confidence), np.asarray(errors, dtype=float)
+    values = sorted(set(confidence.tolist()), reverse=True)
+    groups = [list(np.flatnonzero(confidence == value)) for value in values]
+    totals = []
+    for orders in itertools.product(*(itertools.permutations(group) for group in groups)):
+        sequence = errors[[index for order in orders for index in order]]
+        totals.append(np.mean(np.cumsum(sequence) / np.arange(1, len(sequence) + 1)))
+    return float(np.mean(totals))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_aurc_matches_brute_force_over_tie_orders(seed):
+    rng = np.random.default_rng(seed)
+    n = 8
+    confidence = rng.choice([0.55, 0.7, 0.85, 0.99], size=n)  # four levels among 8 rows: many ties
+    predicted = rng.integers(0, 2, size=n)
+    logits = _logits_with_confidence(confidence, predicted)
+    labels = rng.integers(0, 2, size=n)
+    # The confidences after softmax must tie exactly where the inputs do, or the check tests nothing. With two
+    # classes the rows of one level are [a, b] or [b, a], whose softmax sums add the same two numbers.
+    recovered = softmax(logits).max(axis=1)
+    assert len(set(recovered.tolist())) == len(set(confidence.tolist()))
+    expected = _aurc_by_enumerating_tie_orders(recovered, predicted != labels)
+    assert classification_metrics(logits, labels)["aurc"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_aurc_ranks_and_bounds():
+    # Every prediction right: AURC 0. Constant confidence: every coverage has the overall error rate.
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    perfect = np.where(labels[:, None] == np.arange(2), 3.0, 0.0)
+    assert classification_metrics(perfect, labels)["aurc"] == 0.0
+    constant = np.tile([2.0, 0.0], (6, 1))
+    assert classification_metrics(constant, labels)["aurc"] == pytest.approx(0.5)
+    assert classification_metrics(constant, labels)["error_at_80_coverage"] == pytest.approx(0.5)
+    # Negative control: same predictions and accuracy, but confidence ranks the errors first instead of last.
+    predicted = np.zeros(6, dtype=int)
+    errors_least_confident = _logits_with_confidence([0.9, 0.8, 0.7, 0.65, 0.6, 0.55], predicted)
+    errors_most_confident = _logits_with_confidence([0.55, 0.9, 0.6, 0.8, 0.65, 0.7], predicted)
+    good = classification_metrics(errors_least_confident, labels)
+    bad = classification_metrics(errors_most_confident, labels)
+    assert good["accuracy"] == bad["accuracy"] == 0.5
+    assert good["aurc"] < 0.5 < bad["aurc"]
+    assert good["error_at_80_coverage"] < bad["error_at_80_coverage"]
+
+
+def test_selective_risk_bad_coverage():
+    logits, labels = _random_problem(6, 10, 2)
+    for coverage in (0, 1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"coverage must be a float in \(0, 1\], got"):
+            selective_risk(logits, labels, coverage=coverage)
+    for coverage in (True, "0.8", None):
+        with pytest.raises(TypeError, match=r"coverage must be a float in \(0, 1\], got"):
+            selective_risk(logits, labels, coverage=coverage)
 
 
 def test_reliability_bins_counts_add_up():

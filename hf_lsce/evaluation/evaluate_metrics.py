@@ -26,6 +26,12 @@ _CITATION = """\
   booktitle={ICML},
   year={2017}
 }
+@inproceedings{geifman2017selective,
+  title={Selective Classification for Deep Neural Networks},
+  author={Geifman, Yonatan and El-Yaniv, Ran},
+  booktitle={NeurIPS},
+  year={2017}
+}
 """
 
 
@@ -37,7 +43,8 @@ class ClassificationMetric(evaluate.Metric):
 
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
-            description="Accuracy, macro-F1, MCC, NLL, ECE (equal-width bins) and Brier score from logits.",
+            description="Accuracy, macro-F1, MCC, NLL, ECE (equal-width bins), Brier score, AURC and the error at "
+            "80 % coverage from logits.",
             citation=_CITATION,
             inputs_description="predictions: logits, a list of K floats per example; references: int labels.",
             features=datasets.Features(

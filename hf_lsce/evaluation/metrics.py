@@ -6,6 +6,8 @@ functions are the one implementation; :mod:`hf_lsce.evaluation.evaluate_metrics`
 * :func:`classification_metrics`: accuracy, macro-F1, MCC, and the calibration metrics NLL, ECE and Brier score
   (plus binary F1 when there are two classes), from logits.
 * :func:`reliability_bins`: the equal-width confidence bins that ECE is computed from, for reliability diagrams.
+* :func:`risk_coverage_curve` and :func:`selective_risk`: selective prediction (abstain on the least confident), whose
+  area AURC and error at 80 % coverage :func:`classification_metrics` also reports.
 * :func:`entity_metrics`: entity-level precision, recall and F1 over BIO/IOB spans (the conlleval / ``seqeval``
   default convention) plus token accuracy, for token classification.
 
@@ -15,18 +17,22 @@ Transformers, ``datasets`` nor ``evaluate``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 import numpy as np
 import torch
 
-from hf_lsce.checks import check_labels
+from hf_lsce.checks import check_labels, check_number
 
 __all__ = [
     "classification_metrics",
     "entity_metrics",
     "entity_spans",
     "reliability_bins",
+    "risk_coverage_curve",
+    "selective_risk",
     "softmax",
 ]
 
@@ -134,8 +140,77 @@ def _f1_per_class(confusion: np.ndarray) -> np.ndarray:
         return np.where(denominator > 0, 2.0 * true_positive / denominator, 0.0)
 
 
+def _risk_coverage(predictions: np.ndarray, confidence: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    # Selective risk r_k for k = 1..N, ties averaged over their orders (see risk_coverage_curve).
+    order = np.argsort(-confidence, kind="stable")
+    confidence = confidence[order]
+    errors = (predictions[order] != labels[order]).astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, confidence[1:] != confidence[:-1]])  # first position of each tie group
+    sizes = np.diff(np.r_[starts, len(errors)])
+    group_errors = np.add.reduceat(errors, starts)
+    errors_before = np.cumsum(group_errors) - group_errors
+    group = np.repeat(np.arange(len(starts)), sizes)
+    kept = np.arange(1, len(errors) + 1)
+    # Keeping m of a tie group of g members with e errors keeps m * e / g errors on average over its g! orders.
+    kept_errors = errors_before[group] + (kept - starts[group]) * group_errors[group] / sizes[group]
+    return kept_errors / kept
+
+
+def _kept_count(n: int, coverage: float) -> int:
+    # Exact for decimal coverages: 0.8 * n is computed as 4n / 5, so no float error moves the ceiling.
+    return max(1, math.ceil(Fraction(coverage).limit_denominator(10**6) * n))
+
+
+def risk_coverage_curve(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The risk-coverage curve of selective classification (Geifman & El-Yaniv 2017), at every coverage `k / N`.
+
+    The classifier predicts the argmax and abstains on its least confident examples, confidence being the maximum
+    softmax probability. Sorted by decreasing confidence, the selective risk at coverage `k / N` is the error rate of
+    the `k` most confident predictions: `r_k = (1 / k) * sum_{j <= k} 1[prediction_j != label_j]`. Predictions with
+    exactly equal confidence have no order, so a tie group is counted as the average over all its orders: keeping `m`
+    of a group of `g` predictions with `e` errors counts `m * e / g` errors. The curve then depends neither on the
+    input order nor on a sort's tie-breaking, and without ties it is the plain sorted one.
+
+    The area under it, AURC (Geifman, Uziel & El-Yaniv 2019), is `risk.mean()`: the mean of `r_k` over `k = 1..N`,
+    the discrete area with one point per coverage `k / N`. Lower is better; it mixes the error rate with how well
+    confidence ranks right above wrong predictions (0 when every prediction is right; the error rate when confidence
+    is constant).
+
+    Args:
+        logits (`np.ndarray` of shape `(N, K)`):
+            Unnormalized scores; the prediction is `logits.argmax(1)`, the confidence `softmax(logits).max(1)` in
+            float64.
+        labels (`np.ndarray` of shape `(N,)`):
+            True classes in `[0, K)`, integers.
+
+    Returns:
+        `dict[str, np.ndarray]`, each of shape `(N,)`: `coverage` (`k / N` for `k = 1..N`) and `risk` (`r_k`).
+    """
+    logits, labels = _check_inputs(logits, labels, "logits")
+    # The same confidences as classification_metrics (exp of the log-softmax), so that ties agree to the bit.
+    risk = _risk_coverage(logits.argmax(axis=1), np.exp(_log_softmax(logits)).max(axis=1), labels)
+    return {"coverage": np.arange(1, len(labels) + 1) / len(labels), "risk": risk}
+
+
+def selective_risk(logits: np.ndarray, labels: np.ndarray, *, coverage: float) -> float:
+    """Error rate of the `k = ceil(coverage * N)` most confident predictions: the risk-coverage curve at `k / N`.
+
+    `k` is the smallest count whose coverage reaches `coverage` (at least 1), computed without float error for
+    decimal coverages (`coverage=0.8`, `N=35` keeps 28). Ties at the cut are counted as in
+    :func:`risk_coverage_curve`.
+
+    Args:
+        logits (`np.ndarray` of shape `(N, K)`): Unnormalized scores.
+        labels (`np.ndarray` of shape `(N,)`): True classes in `[0, K)`, integers.
+        coverage (`float`): Fraction of predictions kept, in `(0, 1]`.
+    """
+    check_number("coverage", coverage, low=0, high=1, low_open=True)
+    curve = risk_coverage_curve(logits, labels)
+    return float(curve["risk"][_kept_count(len(labels), coverage) - 1])
+
+
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, *, n_bins: int = 15) -> dict[str, float]:
-    """Accuracy, macro-F1, MCC and the calibration metrics NLL, ECE and Brier score of a classifier.
+    """Accuracy, macro-F1, MCC, the calibration metrics NLL, ECE and Brier score, and selective-prediction metrics.
 
     Args:
         logits (`np.ndarray` of shape `(N, K)`):
@@ -159,6 +234,11 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, *, n_bins: in
         - `brier`: mean over examples of `sum_c (p_c - onehot(label)_c) ** 2`, the original multi-class Brier score
           (range [0, 2]). For two classes this is twice scikit-learn's default binary `brier_score_loss`, which
           only scores the positive class (equal with `scale_by_half=False`).
+        - `aurc`: area under the risk-coverage curve, confidence = maximum softmax probability, the mean of the
+          selective risks at the coverages `k / N`, `k = 1..N`, ties averaged over their orders (see
+          :func:`risk_coverage_curve`).
+        - `error_at_80_coverage`: error rate of the `ceil(0.8 * N)` most confident predictions (see
+          :func:`selective_risk`).
         - `f1` (only when K == 2): binary F1 of the positive class 1.
     """
     logits, labels = _check_inputs(logits, labels, "logits")
@@ -166,6 +246,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, *, n_bins: in
     log_probs = _log_softmax(logits)
     probs = np.exp(log_probs)
     predictions = logits.argmax(axis=1)
+    risk = _risk_coverage(predictions, probs.max(axis=1), labels)
 
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (labels, predictions), 1)
@@ -180,6 +261,8 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, *, n_bins: in
         "nll": float(-log_probs[np.arange(len(labels)), labels].mean()),
         "ece": _expected_calibration_error(reliability_bins(probs, labels, n_bins=n_bins)),
         "brier": float(((probs - one_hot) ** 2).sum(axis=1).mean()),
+        "aurc": float(risk.mean()),
+        "error_at_80_coverage": float(risk[_kept_count(len(labels), 0.8) - 1]),
     }
     if num_classes == 2:
         metrics["f1"] = float(f1[1])

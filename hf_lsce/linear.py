@@ -1,0 +1,706 @@
+"""Label-smoothed cross-entropy of a linear output head, without the (tokens, vocabulary) logits.
+
+For a language model the logits ``z = hidden @ head_weight.T (+ head_bias)`` (tokens N x vocabulary V) are the
+largest tensor of a training step. `linear_label_smoothed_cross_entropy` takes the hidden states and the head's
+parameters instead and computes `hf_lsce.loss.label_smoothed_cross_entropy` of those logits (every option: both
+smoothing conventions, class weights in both modes, the normalizer, ``ignore_index``) on tiles of logits whose size
+is bounded in bytes, so that no tensor of shape (N, V) ever exists.
+
+The math is that of `hf_lsce.fused`: with the per-row factors ``u = v * q`` of the smoothed target (``U = sum_c u_c``),
+``p = softmax(z)`` and ``lse = logsumexp(z)``, ``loss = U lse - sum_c u_c z_c`` and ``d loss / dz = U p - u``. The
+logits may first be scaled and soft-capped, in this order, ``z -> cap * tanh(z * scale / cap)``, whose derivative
+``scale * (1 - tanh^2)`` multiplies the gradient. The gradient ``G`` of the tile's logits then gives
+``grad_hidden = G @ head_weight``, ``grad_head_weight = G.T @ hidden`` and ``grad_head_bias = sum_rows G``.
+
+Two ways to order the work, both exact (``recompute``):
+
+* Gradients in the forward pass (Liger Kernel's idea; ``recompute=False``): chunks of rows with the whole vocabulary.
+  A chunk's softmax is complete, so its gradient is known at once and goes straight into the three matrix products:
+  three products in all, as for the logits path. The head's gradient accumulates over the chunks: in its own memory
+  for fp32/fp64 heads, in an fp32 buffer of the head's size for bf16/fp16 heads. The backward pass only scales the
+  stored gradients by the incoming scalar, hence ``reduction="none"`` (a gradient per position) cannot use it.
+* Recomputation in the backward pass (Cut Cross-Entropy's idea; ``recompute=True``): the forward pass keeps one
+  log-sum-exp per row; the backward pass recomputes the logits tile by tile, blocks of the vocabulary outermost, so
+  each block of the head's gradient is finished by one product over all rows (no accumulator of the head's size) and
+  only the hidden states' gradient accumulates, in fp32. Four products in all.
+
+Rows whose label is ``ignore_index`` are left out of every product (their loss and gradient are 0 whatever their
+hidden state). Logits, softmax and loss are computed in fp32 (fp64 for fp64 inputs); the matrix products run in the
+inputs' dtype, as the model's own head does (on CPU a bf16 product accumulates in fp32 and rounds its result once).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hf_lsce.fused import _chunk, _index_terms, _keep_graph
+from hf_lsce.loss import (
+    _check_normalizer,
+    _check_options,
+    _check_target_values,
+    _describe,
+    _is_real,
+    _smoothing_coefficients,
+    mean_denominator,
+)
+
+# Bytes of one tile of fp32 logits (with its bf16/fp16 copy and the soft-cap's derivative when there are some).
+DEFAULT_CHUNK_BYTES = 32 << 20
+
+# Blocks of the vocabulary (recompute=True) are at least this wide: narrower ones make the matrix products slow.
+MIN_BLOCK_COLUMNS = 256
+
+
+def linear_label_smoothed_cross_entropy(
+    hidden: Tensor,
+    head_weight: Tensor,
+    target: Tensor,
+    head_bias: Tensor | None = None,
+    class_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    smoothing_style: str = "uniform",
+    weight_mode: str = "torch",
+    normalizer: float | Tensor | None = None,
+    validate: bool = True,
+    logit_softcap: float | None = None,
+    logit_scale: float | None = None,
+    chunk_bytes: int | None = None,
+    recompute: bool | None = None,
+) -> Tensor:
+    """Label-smoothed, class-weighted cross-entropy of a linear head's logits, computed without the logits.
+
+    This equals ``label_smoothed_cross_entropy(z, target, class_weight, ignore_index, reduction, label_smoothing,
+    smoothing_style=..., weight_mode=..., normalizer=...)`` with ``z = F.linear(hidden, head_weight, head_bias)``,
+    then ``z = z * logit_scale`` if given, then ``z = logit_softcap * tanh(z / logit_softcap)`` if given; with the
+    defaults it is ``F.cross_entropy(F.linear(hidden, head_weight, head_bias).flatten(0, -2), target.flatten(),
+    class_weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)``, except that a
+    batch whose positions are all ignored gives 0 instead of NaN. ``reduction="mean"`` divides the sum by
+    ``sum_i class_weight[target_i]`` over the positions whose label is not ``ignore_index`` (their count without
+    weights), or by ``normalizer``.
+
+    No tensor of shape (tokens, vocabulary) is made: the logits are computed in tiles of about ``chunk_bytes`` bytes
+    (see the module docstring), and gradients go to ``hidden``, ``head_weight`` and ``head_bias`` (those that require
+    grad; a head tied to the input embeddings gets this gradient added to the embedding's by autograd). Logits,
+    softmax and loss are computed in fp32 (fp64 for fp64 inputs); the matrix products run in the inputs' dtype, as in
+    the model's own head, and a bf16/fp16 head's gradient is accumulated in fp32. The loss is fp32 (fp64); the
+    gradients have their inputs' dtypes. Twice-differentiable use (``create_graph=True``) is not supported.
+
+    Transformers applies either a scale (Cohere: ``logits * logit_scale``; Granite: ``logits / logits_scaling``,
+    i.e. ``logit_scale = 1 / logits_scaling``) or a soft cap (Gemma 2 and 3: ``final_logit_softcapping``) to the
+    head's output; no model family there applies both, and here the scale comes first so that the cap bounds the
+    final logits.
+
+    Args:
+        hidden (`torch.Tensor` of shape `(..., D)`): the hidden states that enter the head.
+        head_weight (`torch.Tensor` of shape `(V, D)`): the head's weight (``lm_head.weight``), same dtype and device
+            as ``hidden``.
+        target (`torch.Tensor` of shape `(...)`): integer class indices (``hidden``'s shape without its last
+            dimension), where ``ignore_index`` marks padding. Probability targets are refused: a (tokens, vocabulary)
+            target is the very tensor this function avoids; use `hf_lsce.label_smoothed_cross_entropy` on logits.
+        head_bias (`torch.Tensor` of shape `(V,)`, *optional*): the head's bias.
+        class_weight (`torch.Tensor` of shape `(V,)`, *optional*): non-negative class weights (``weight`` of
+            `hf_lsce.label_smoothed_cross_entropy`); they get no gradient.
+        ignore_index (`int`, *optional*, defaults to `-100`): label that costs nothing and counts nowhere.
+        reduction (`str`, *optional*, defaults to `"mean"`): ``"mean"``, ``"sum"`` or ``"none"`` (the positions'
+            shape, 0 at ignored ones).
+        label_smoothing (`float`, *optional*, defaults to `0.0`): ``eps`` in [0, 1].
+        smoothing_style (`str`, *optional*, defaults to `"uniform"`): ``"uniform"`` or ``"off_target"``.
+        weight_mode (`str`, *optional*, defaults to `"torch"`): ``"torch"`` or ``"example"``.
+        normalizer (`float` or 0-d `torch.Tensor`, *optional*): with ``reduction="mean"``, divide the sum by this
+            instead (e.g. the denominator summed over an accumulation window and all processes). Must be > 0.
+        validate (`bool`, *optional*, defaults to `True`): check label range, class weights and normalizer values
+            (reads tensor values, which synchronizes with a GPU).
+        logit_softcap (`float`, *optional*): ``cap > 0``: logits become ``cap * tanh(z / cap)``.
+        logit_scale (`float`, *optional*): a finite multiplier of the logits, applied before the cap.
+        chunk_bytes (`int`, *optional*, defaults to `DEFAULT_CHUNK_BYTES`): about the bytes of one tile of logits
+            in fp32 (with its low-precision copy and the cap's derivative); a tile holds at least one row of the
+            vocabulary (``recompute=False`` and the forward pass) or ``MIN_BLOCK_COLUMNS`` columns.
+        recompute (`bool`, *optional*): ``False``: gradients computed during the forward pass and kept until the
+            backward pass (three matrix products; ``reduction="mean"`` or ``"sum"`` only). ``True``: logits
+            recomputed in the backward pass (four products; nothing of the head's size is accumulated). None (the
+            default) recomputes for ``reduction="none"`` and when a bf16/fp16 head needs its gradient (whose fp32
+            accumulator would be as large as the head), and otherwise computes the gradients in the forward pass.
+
+    Returns:
+        `torch.Tensor`: 0-d for ``"mean"`` and ``"sum"``, ``target``'s shape for ``"none"``; fp32 (fp64 for fp64
+        inputs).
+    """
+    _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
+    _check_head_tensors(hidden, head_weight, head_bias, target)
+    num_classes = head_weight.shape[0]
+    _check_class_weight(class_weight, num_classes, hidden.device, validate)
+    _check_normalizer(normalizer, reduction, validate)
+    if isinstance(normalizer, Tensor) and normalizer.device != hidden.device:
+        raise ValueError(f"normalizer must be on hidden's device {hidden.device}, got {normalizer.device}")
+    _check_head_options(logit_softcap, logit_scale, chunk_bytes, recompute, reduction)
+    for name, tensor in (("class_weight", class_weight), ("normalizer", normalizer)):
+        if isinstance(tensor, Tensor) and tensor.requires_grad:
+            raise ValueError(
+                f"linear_label_smoothed_cross_entropy computes no gradient for {name}, which requires grad"
+            )
+
+    labels = target.reshape(-1)
+    if labels.dtype != torch.int64:
+        labels = labels.long()
+    if validate:
+        _check_target_values(labels, num_classes, ignore_index)
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    a, b = _smoothing_coefficients(num_classes, label_smoothing, smoothing_style)
+    if reduction == "mean":
+        denominator = (
+            mean_denominator(labels, class_weight, ignore_index, weight_mode=weight_mode)
+            if normalizer is None
+            else normalizer
+        )
+        denominator = torch.as_tensor(denominator, dtype=dtype, device=hidden.device)
+        positive = denominator > 0
+        # As `hf_lsce.loss._safe_divide`: nothing counts (a 0 denominator) gives 0 and zero gradients.
+        reduction_scale = torch.where(positive, 1 / torch.where(positive, denominator, 1), 0)
+    else:
+        reduction_scale = None
+
+    grad_enabled = torch.is_grad_enabled()
+    needs = tuple(grad_enabled and t is not None and t.requires_grad for t in (hidden, head_weight, head_bias))
+    if recompute is None:
+        half_head = head_weight.dtype not in (torch.float32, torch.float64)
+        recompute = reduction == "none" or (needs[1] and half_head)
+    options = _Options(
+        num_classes=num_classes,
+        dtype=dtype,
+        a=a,
+        b=b,
+        ignore_index=ignore_index,
+        weight_mode=weight_mode,
+        reduction=reduction,
+        softcap=None if logit_softcap is None else float(logit_softcap),
+        scale=None if logit_scale is None or float(logit_scale) == 1.0 else float(logit_scale),
+        chunk_bytes=DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes),
+        recompute=recompute,
+        needs=needs,
+        positions=tuple(target.shape),
+    )
+    return _LinearCrossEntropy.apply(hidden, head_weight, head_bias, labels, class_weight, reduction_scale, options)
+
+
+class LinearLabelSmoothedCrossEntropyLoss(nn.Module):
+    """Module form of `linear_label_smoothed_cross_entropy`; it validates its options and calls the function.
+
+    ``class_weight`` is a buffer (it moves with ``.to()`` and is saved in ``state_dict``). ``forward(hidden,
+    head_weight, target, head_bias=None, *, normalizer=None)`` takes the head's parameters at each call, so the
+    module holds none of them (pass ``model.lm_head.weight``).
+
+    Args:
+        class_weight (`torch.Tensor` of shape `(V,)`, *optional*): non-negative class weights.
+        ignore_index (`int`, *optional*, defaults to `-100`): label that costs nothing and counts nowhere.
+        reduction (`str`, *optional*, defaults to `"mean"`): ``"mean"``, ``"sum"`` or ``"none"``.
+        label_smoothing (`float`, *optional*, defaults to `0.0`): ``eps`` in [0, 1].
+        smoothing_style (`str`, *optional*, defaults to `"uniform"`): ``"uniform"`` or ``"off_target"``.
+        weight_mode (`str`, *optional*, defaults to `"torch"`): ``"torch"`` or ``"example"``.
+        validate (`bool`, *optional*, defaults to `True`): value checks that synchronize with a GPU.
+        logit_softcap (`float`, *optional*): soft cap of the logits.
+        logit_scale (`float`, *optional*): multiplier of the logits, before the cap.
+        chunk_bytes (`int`, *optional*): bytes of one tile of logits.
+        recompute (`bool`, *optional*): see `linear_label_smoothed_cross_entropy`.
+    """
+
+    def __init__(
+        self,
+        class_weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        smoothing_style: str = "uniform",
+        weight_mode: str = "torch",
+        validate: bool = True,
+        logit_softcap: float | None = None,
+        logit_scale: float | None = None,
+        chunk_bytes: int | None = None,
+        recompute: bool | None = None,
+    ) -> None:
+        super().__init__()
+        _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
+        _check_head_options(logit_softcap, logit_scale, chunk_bytes, recompute, reduction)
+        _check_class_weight(class_weight, None, None, validate=True)
+        self.register_buffer("class_weight", class_weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.smoothing_style = smoothing_style
+        self.weight_mode = weight_mode
+        self.validate = validate
+        self.logit_softcap = logit_softcap
+        self.logit_scale = logit_scale
+        self.chunk_bytes = chunk_bytes
+        self.recompute = recompute
+
+    def forward(
+        self,
+        hidden: Tensor,
+        head_weight: Tensor,
+        target: Tensor,
+        head_bias: Tensor | None = None,
+        *,
+        normalizer: float | Tensor | None = None,
+    ) -> Tensor:
+        return linear_label_smoothed_cross_entropy(
+            hidden,
+            head_weight,
+            target,
+            head_bias,
+            self.class_weight,
+            self.ignore_index,
+            self.reduction,
+            self.label_smoothing,
+            smoothing_style=self.smoothing_style,
+            weight_mode=self.weight_mode,
+            normalizer=normalizer,
+            validate=self.validate,
+            logit_softcap=self.logit_softcap,
+            logit_scale=self.logit_scale,
+            chunk_bytes=self.chunk_bytes,
+            recompute=self.recompute,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
+            f"smoothing_style={self.smoothing_style!r}, weight_mode={self.weight_mode!r}, "
+            f"logit_softcap={self.logit_softcap}, logit_scale={self.logit_scale}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check_head_tensors(hidden, head_weight, head_bias, target) -> None:
+    if not isinstance(hidden, Tensor) or not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating-point tensor of shape (..., D), got {_describe(hidden)}")
+    if hidden.dim() == 0:
+        raise ValueError("hidden must have at least one dimension (the hidden size, last), got a 0-d tensor")
+    if not isinstance(head_weight, Tensor) or not head_weight.is_floating_point():
+        raise TypeError(f"head_weight must be a floating-point tensor of shape (V, D), got {_describe(head_weight)}")
+    hidden_size = hidden.shape[-1]
+    if head_weight.dim() != 2 or head_weight.shape[1] != hidden_size:
+        raise ValueError(
+            f"head_weight must have shape (V, {hidden_size}) (hidden's last dimension is {hidden_size}), "
+            f"got {tuple(head_weight.shape)}"
+        )
+    if head_weight.shape[0] < 2:
+        raise ValueError(f"head_weight must have at least 2 rows (classes), got shape {tuple(head_weight.shape)}")
+    if head_weight.dtype != hidden.dtype:
+        raise TypeError(f"head_weight must have hidden's dtype {hidden.dtype}, got {head_weight.dtype}")
+    if head_weight.device != hidden.device:
+        raise ValueError(f"head_weight must be on hidden's device {hidden.device}, got {head_weight.device}")
+    if head_bias is not None:
+        if not isinstance(head_bias, Tensor) or not head_bias.is_floating_point():
+            raise TypeError(f"head_bias must be a floating-point tensor of shape (V,), got {_describe(head_bias)}")
+        if tuple(head_bias.shape) != (head_weight.shape[0],):
+            raise ValueError(
+                f"head_bias must have shape ({head_weight.shape[0]},) (head_weight's rows), "
+                f"got {tuple(head_bias.shape)}"
+            )
+        if head_bias.dtype != hidden.dtype:
+            raise TypeError(f"head_bias must have hidden's dtype {hidden.dtype}, got {head_bias.dtype}")
+        if head_bias.device != hidden.device:
+            raise ValueError(f"head_bias must be on hidden's device {hidden.device}, got {head_bias.device}")
+    if not isinstance(target, Tensor) or target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must be an integer tensor of class indices, got {_describe(target)}")
+    if target.is_floating_point():
+        raise TypeError(
+            f"target must be an integer tensor of class indices, got {_describe(target)}: probability targets "
+            "are (tokens, vocabulary) tensors themselves; use hf_lsce.label_smoothed_cross_entropy on logits"
+        )
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"target must have shape {tuple(hidden.shape[:-1])} (hidden's shape without its last dimension), "
+            f"got {tuple(target.shape)}"
+        )
+    if target.device != hidden.device:
+        raise ValueError(f"target must be on hidden's device {hidden.device}, got {target.device}")
+
+
+def _check_class_weight(weight, num_classes, device, validate) -> None:
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise TypeError(f"class_weight must be a floating-point tensor of shape (V,), got {_describe(weight)}")
+    if weight.dim() != 1 or (num_classes is not None and weight.shape[0] != num_classes):
+        expected = "(V,)" if num_classes is None else f"({num_classes},) (head_weight's rows)"
+        raise ValueError(f"class_weight must have shape {expected}, got {tuple(weight.shape)}")
+    if device is not None and weight.device != device:
+        raise ValueError(f"class_weight must be on hidden's device {device}, got {weight.device}")
+    if validate and weight.numel():
+        low, high = (value.item() for value in torch.aminmax(weight.detach()))
+        if not (0 <= low and high < math.inf):  # NaN fails both
+            raise ValueError(f"class_weight must be finite and non-negative, got minimum {low} and maximum {high}")
+
+
+def _check_head_options(logit_softcap, logit_scale, chunk_bytes, recompute, reduction) -> None:
+    if logit_softcap is not None:
+        if not _is_real(logit_softcap):
+            raise TypeError(f"logit_softcap must be a float > 0 or None, got {_describe(logit_softcap)}")
+        if not 0 < logit_softcap < math.inf:
+            raise ValueError(f"logit_softcap must be a float > 0 (and finite) or None, got {logit_softcap}")
+    if logit_scale is not None:
+        if not _is_real(logit_scale):
+            raise TypeError(f"logit_scale must be a float or None, got {_describe(logit_scale)}")
+        if not math.isfinite(logit_scale):
+            raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+    if chunk_bytes is not None:
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
+            raise TypeError(f"chunk_bytes must be an int > 0 or None, got {_describe(chunk_bytes)}")
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be an int > 0 or None, got {chunk_bytes}")
+    if recompute is not None and not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be a bool or None, got {_describe(recompute)}")
+    if recompute is False and reduction == "none":
+        raise ValueError(
+            "recompute=False keeps gradients scaled by one number, which reduction='none' does not give; "
+            "use recompute=True or None"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The autograd function
+
+
+@dataclass(frozen=True)
+class _Options:
+    """Everything the autograd function needs besides tensors, resolved once."""
+
+    num_classes: int
+    dtype: torch.dtype  # of logits, softmax, loss and accumulators
+    a: float  # smoothed target q = a * one_hot(y) + b
+    b: float
+    ignore_index: int
+    weight_mode: str
+    reduction: str
+    softcap: float | None
+    scale: float | None
+    chunk_bytes: int
+    recompute: bool
+    needs: tuple[bool, bool, bool]  # gradients of hidden, head_weight, head_bias
+    positions: tuple[int, ...]  # target's shape
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The rows that count (label not ignore_index) and their per-row factors (`hf_lsce.fused._index_terms`)."""
+
+    index: Tensor | None  # positions of the counted rows among all rows; None when every row counts
+    target: Tensor  # (M, 1) class index of each counted row
+    total: Tensor  # (M,) U = sum_c u_c
+    picked: Tensor  # (M,) coefficient of z_y
+    spread: Tensor  # (M,) coefficient of sum_c v_c z_c
+
+    def __len__(self) -> int:
+        return self.target.shape[0]
+
+    def hidden(self, x: Tensor, start: int, end: int) -> Tensor:
+        """Hidden states of counted rows ``start:end``."""
+        return x[start:end] if self.index is None else x.index_select(0, self.index[start:end])
+
+
+def _counted_rows(labels: Tensor, class_weight: Tensor | None, options: _Options) -> _Rows:
+    terms = _index_terms(
+        labels,
+        class_weight,
+        options.ignore_index,
+        options.num_classes,
+        options.a,
+        options.b,
+        options.weight_mode,
+        options.dtype,
+    )
+    valid = terms["valid"]
+    if bool(valid.all()):
+        return _Rows(None, terms["target"], terms["total"], terms["picked"], terms["spread"])
+    index = valid.nonzero().squeeze(1)
+    return _Rows(index, terms["target"][index], terms["total"][index], terms["picked"][index], terms["spread"][index])
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, class_weight, reduction_scale, options):
+        dtype = options.dtype
+        x = hidden.detach().reshape(-1, hidden.shape[-1])
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
+        w = None if class_weight is None else class_weight.detach().to(dtype)
+        rows = _counted_rows(labels, w, options)
+        # Only a class weight that varies over the classes enters the tiles; otherwise v is per row.
+        tile_weight = w if w is not None and options.weight_mode == "torch" else None
+        # Per-row factors of the gradient: the reduction's 1 / denominator and the logits' scale folded in once.
+        factor = 1.0 if options.scale is None else options.scale
+        if reduction_scale is not None:
+            factor = reduction_scale * factor
+        in_forward = any(options.needs) and not options.recompute
+
+        grads = _Gradients(x, weight, bias, rows, options, by_blocks=False) if in_forward else None
+        stats = torch.empty(4, len(rows), 1, dtype=dtype, device=x.device)
+        step = max(1, options.chunk_bytes // _bytes_per_logit(x.dtype, options, in_forward) // options.num_classes)
+        scratch = _Scratch()
+        for start in range(0, len(rows), step):
+            end = min(start + step, len(rows))
+            h = rows.hidden(x, start, end)
+            z, derivative = _logits(h, weight, bias, options, scratch, in_forward)
+            factors = None
+            if in_forward:
+                factors = (
+                    (rows.total[start:end] * factor)[:, None],
+                    (-rows.picked[start:end] * factor)[:, None],
+                    None if options.b == 0 else (rows.spread[start:end] * factor)[:, None],
+                )
+            _chunk(z, z, rows.target[start:end], tile_weight, stats[:, start:end], options.b != 0, factors)
+            if in_forward:
+                if derivative is not None:
+                    z.mul_(derivative)
+                _add_row_chunk(grads, z, h, weight, start, end, scratch)
+
+        picked, spread, top, peak = stats.squeeze(2)
+        # At the row's maximum p = exp(max - lse) >= 1 / V: this log-sum-exp loses nothing to underflow.
+        lse = top - peak.log()
+        losses = rows.total * lse - rows.picked * picked
+        if options.b:
+            losses -= rows.spread * spread
+
+        ctx.options = options
+        if in_forward:
+            ctx.grads = grads.finish(hidden.shape)
+        elif any(options.needs):
+            ctx.save_for_backward(hidden, weight, bias, class_weight, reduction_scale)
+            ctx.rows, ctx.lse = rows, lse
+        if options.reduction == "none":
+            if rows.index is not None:
+                losses = torch.zeros(labels.shape[0], dtype=dtype, device=x.device).index_copy_(0, rows.index, losses)
+            return losses.reshape(options.positions)
+        total = losses.sum()
+        return total if reduction_scale is None else total * reduction_scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        options = ctx.options
+        if options.recompute:
+            grads = _recompute_gradients(ctx, grad_output)
+        else:
+            grads = ctx.grads
+            if grads is None:
+                raise RuntimeError(
+                    "the linear loss's gradients were already used by a backward pass; pass retain_graph=True to "
+                    "the first one to call backward twice"
+                )
+            # Handed over (scaled in place) unless the graph is kept for another backward pass.
+            keep = _keep_graph()
+            if not keep:
+                ctx.grads = None
+            if not bool(grad_output == 1):
+                grads = tuple(None if g is None else (g * grad_output if keep else g.mul_(grad_output)) for g in grads)
+        return (*grads, None, None, None, None)
+
+
+def _bytes_per_logit(input_dtype: torch.dtype, options: _Options, with_gradient: bool) -> int:
+    """Scratch bytes per logit of a tile: fp32 logits, their low-precision product, the cap's derivative."""
+    nbytes = options.dtype.itemsize
+    if input_dtype != options.dtype:
+        nbytes += input_dtype.itemsize
+    if options.softcap is not None and with_gradient:
+        nbytes += options.dtype.itemsize
+    return nbytes
+
+
+class _Scratch:
+    """Flat buffers reused from tile to tile (tiles vary only at the ends), handed out as views of a given shape."""
+
+    def __init__(self):
+        self.buffers: dict[str, Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            buffer = self.buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, options: _Options, scratch: _Scratch, derivative: bool):
+    """The tile's final logits in ``options.dtype`` (rows of ``h`` x rows of ``weight``), and with ``derivative``
+    and a cap, ``1 - tanh^2`` (the cap's derivative; the scale's is folded into the per-row factors)."""
+    shape = (h.shape[0], weight.shape[0])
+    z = scratch.take("logits", shape, options.dtype, h.device)
+    # The product the model's own head computes (F.linear is addmm), in the inputs' dtype.
+    product = z if h.dtype == options.dtype else scratch.take("product", shape, h.dtype, h.device)
+    if bias is None:
+        torch.mm(h, weight.T, out=product)
+    else:
+        torch.addmm(bias, h, weight.T, out=product)
+    if product is not z:
+        z.copy_(product)
+    if options.scale is not None:
+        z.mul_(options.scale)
+    if options.softcap is None:
+        return z, None
+    z.div_(options.softcap).tanh_()
+    cap_derivative = None
+    if derivative:
+        cap_derivative = scratch.take("cap_derivative", shape, options.dtype, h.device)
+        torch.mul(z, z, out=cap_derivative).neg_().add_(1)
+    z.mul_(options.softcap)
+    return z, cap_derivative
+
+
+class _Gradients:
+    """The three gradients, built tile by tile; a sum over tiles of bf16/fp16 products is made in fp32.
+
+    Chunks of rows with the whole vocabulary (``by_blocks=False``) finish hidden's rows one chunk at a time (written
+    in its dtype) and add up the head's gradient over the chunks (in fp32 for a bf16/fp16 head: an accumulator of the
+    head's size). Blocks of the vocabulary over all rows (``by_blocks=True``) finish the head's rows one block at a
+    time and add up hidden's gradient over the blocks (in fp32 for bf16/fp16 hidden states).
+    """
+
+    def __init__(self, x: Tensor, weight: Tensor, bias: Tensor | None, rows: _Rows, options: _Options, by_blocks):
+        need_hidden, need_weight, need_bias = options.needs
+        dtype = options.dtype
+        self.rows = rows
+        self.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        hidden_dtype, weight_dtype = (dtype, weight.dtype) if by_blocks else (x.dtype, dtype)
+        # Hidden's gradient has all rows (ignored ones stay 0): counted rows are written or added by index.
+        self.hidden = torch.zeros(x.shape, dtype=hidden_dtype, device=x.device) if need_hidden else None
+        self.weight = torch.zeros(weight.shape, dtype=weight_dtype, device=x.device) if need_weight else None
+        self.bias = torch.zeros(weight.shape[0], dtype=dtype, device=x.device) if need_bias else None
+
+    def add_hidden(self, start: int, end: int, g: Tensor, block: Tensor, first: bool, scratch: _Scratch) -> None:
+        """Adds ``g @ block`` to the gradient of counted rows ``start:end`` (``first``: the rows' only term)."""
+        if self.rows.index is None and g.dtype == self.hidden.dtype:
+            rows = self.hidden[start:end]
+            torch.mm(g, block, out=rows) if first else rows.addmm_(g, block)
+            return
+        # Ignored rows in between, or a bf16/fp16 product added to fp32 sums: through a temporary.
+        shape = (end - start, block.shape[1])
+        product = torch.mm(g, block, out=scratch.take("hidden_product", shape, g.dtype, g.device))
+        if self.rows.index is None:
+            self.hidden[start:end] += product
+        elif first:
+            self.hidden.index_copy_(0, self.rows.index[start:end], product.to(self.hidden.dtype))
+        else:
+            self.hidden.index_add_(0, self.rows.index[start:end], product.to(self.hidden.dtype))
+
+    def finish(self, hidden_shape: torch.Size) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The gradients in their inputs' dtypes, hidden's in ``hidden_shape``."""
+        hidden = None if self.hidden is None else self.hidden.to(self.dtypes[0]).view(hidden_shape)
+        weight = None if self.weight is None else self.weight.to(self.dtypes[1])
+        bias = None if self.bias is None else self.bias.to(self.dtypes[2])
+        return hidden, weight, bias
+
+
+def _add_row_chunk(grads: _Gradients, g: Tensor, h: Tensor, weight: Tensor, start: int, end: int, scratch) -> None:
+    """Adds the gradient ``g`` of rows ``start:end`` x the whole vocabulary (``h``: those rows' hidden states)."""
+    g_product = _in_dtype(g, weight.dtype, scratch)
+    if grads.hidden is not None:
+        # One product over the whole vocabulary finishes these rows.
+        grads.add_hidden(start, end, g_product, weight, True, scratch)
+    if grads.weight is not None:
+        _add_product(grads.weight, g_product.T, h, scratch)
+    if grads.bias is not None:
+        grads.bias += g.sum(0)
+
+
+def _in_dtype(g: Tensor, dtype: torch.dtype, scratch: _Scratch) -> Tensor:
+    """``g`` as the operand of a product in ``dtype`` (the inputs' dtype), through a reused buffer."""
+    if g.dtype == dtype:
+        return g
+    return scratch.take("product", g.shape, dtype, g.device).copy_(g)
+
+
+def _add_product(out: Tensor, a: Tensor, b: Tensor, scratch: _Scratch) -> None:
+    """``out += a @ b``; a bf16/fp16 product goes through a temporary and is added to ``out`` in ``out``'s dtype."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+        return
+    # In blocks of out's rows, so that the temporary stays small (4 M elements).
+    step = max(1, (1 << 22) // b.shape[1])
+    for start in range(0, out.shape[0], step):
+        end = min(start + step, out.shape[0])
+        product = scratch.take("sum_product", (end - start, b.shape[1]), a.dtype, a.device)
+        out[start:end] += torch.mm(a[start:end], b, out=product)
+
+
+def _recompute_gradients(ctx, grad_output):
+    """The backward pass of ``recompute=True``: the logits again, in tiles, blocks of the vocabulary outermost."""
+    hidden, weight, bias, class_weight, reduction_scale = ctx.saved_tensors
+    options, rows, lse = ctx.options, ctx.rows, ctx.lse
+    dtype = options.dtype
+    x = hidden.detach().reshape(-1, hidden.shape[-1])
+    w = None if class_weight is None else class_weight.to(dtype)
+    tile_weight = w if w is not None and options.weight_mode == "torch" else None
+    num_rows, num_classes = len(rows), options.num_classes
+
+    # Per-row factors: the reduction's, the scale's and the incoming gradient (one per position for "none").
+    factor = grad_output.to(dtype)
+    if options.reduction == "none":
+        factor = factor.reshape(-1)
+        factor = factor if rows.index is None else factor[rows.index]
+    if reduction_scale is not None:
+        factor = factor * reduction_scale
+    if options.scale is not None:
+        factor = factor * options.scale
+    total, picked, spread = rows.total * factor, rows.picked * factor, rows.spread * factor
+
+    grads = _Gradients(x, weight, bias, rows, options, by_blocks=True)
+    per_logit = _bytes_per_logit(x.dtype, options, True)
+    # Blocks as wide as the budget allows with all rows in one tile, so that one product over all rows finishes
+    # each block of the head's gradient; more rows than that are split into tiles whose products are summed.
+    columns = min(num_classes, max(MIN_BLOCK_COLUMNS, options.chunk_bytes // per_logit // max(1, num_rows)))
+    step = max(1, min(num_rows, options.chunk_bytes // per_logit // columns))
+    scratch = _Scratch()
+    one_tile = step >= num_rows
+    h_all = rows.hidden(x, 0, num_rows) if one_tile else None
+    for first in range(0, num_classes if num_rows else 0, columns):
+        last = min(first + columns, num_classes)
+        block = weight[first:last]
+        block_bias = None if bias is None else bias[first:last]
+        block_weight = None if tile_weight is None else tile_weight[first:last]
+        weight_sum = None
+        if grads.weight is not None and not one_tile:
+            # The block's gradient summed over row tiles: in place for fp32/fp64 heads, else in an fp32 buffer.
+            weight_sum = grads.weight[first:last]
+            if weight_sum.dtype != dtype:
+                weight_sum = scratch.take("weight_sum", block.shape, dtype, x.device).zero_()
+        for start in range(0, num_rows, step):
+            end = min(start + step, num_rows)
+            h = h_all if one_tile else rows.hidden(x, start, end)
+            z, derivative = _logits(h, block, block_bias, options, scratch, True)
+            # G = U p - u on the block's columns, with p from the forward pass's log-sum-exp.
+            z.sub_(lse[start:end, None]).exp_().mul_(total[start:end, None])
+            column = rows.target[start:end] - first
+            inside = (column >= 0) & (column < last - first)
+            z.scatter_add_(1, column.clamp(0, last - first - 1), torch.where(inside, -picked[start:end, None], 0))
+            if options.b:
+                if block_weight is None:
+                    z.sub_(spread[start:end, None])
+                else:
+                    z.addr_(spread[start:end], block_weight, alpha=-1)
+            if derivative is not None:
+                z.mul_(derivative)
+            g_product = _in_dtype(z, weight.dtype, scratch)
+            if grads.hidden is not None:
+                grads.add_hidden(start, end, g_product, block, False, scratch)
+            if grads.weight is not None:
+                if one_tile:
+                    # One product over all rows finishes the block (a bf16/fp16 product accumulates in fp32).
+                    torch.mm(g_product.T, h, out=grads.weight[first:last])
+                else:
+                    _add_product(weight_sum, g_product.T, h, scratch)
+            if grads.bias is not None:
+                grads.bias[first:last] += z.sum(0)
+        if weight_sum is not None and weight_sum.dtype != grads.weight.dtype:
+            grads.weight[first:last] = weight_sum
+    return grads.finish(hidden.shape)

@@ -48,8 +48,12 @@ from hf_lsce.loss import (
     mean_denominator,
 )
 
-# Bytes of one tile of fp32 logits (with its bf16/fp16 copy and the soft-cap's derivative when there are some).
-DEFAULT_CHUNK_BYTES = 32 << 20
+# The default tile holds as many logits as this many rows of the vocabulary (with their bf16/fp16 copy and the
+# soft-cap's derivative when there are some): 128 MiB of fp32 logits at V = 131072, whatever the number of tokens.
+# The matrix products need a few hundred rows to run at speed: on the project's 2-core VM (MKL), hidden @ W.T for
+# 1024 rows, D = 1024, V = 32768, fp32, in tiles of 64 / 128 / 256 / 512 / 1024 rows took 4.2 / 2.9 / 2.5 / 2.2 /
+# 2.0 s (ad-hoc runs, medians of 3), and the forward-pass order with 64-row tiles was 1.4x eager PyTorch's time.
+DEFAULT_CHUNK_ROWS = 256
 
 # Blocks of the vocabulary (recompute=True) are at least this wide: narrower ones make the matrix products slow.
 MIN_BLOCK_COLUMNS = 256
@@ -119,9 +123,10 @@ def linear_label_smoothed_cross_entropy(
             (reads tensor values, which synchronizes with a GPU).
         logit_softcap (`float`, *optional*): ``cap > 0``: logits become ``cap * tanh(z / cap)``.
         logit_scale (`float`, *optional*): a finite multiplier of the logits, applied before the cap.
-        chunk_bytes (`int`, *optional*, defaults to `DEFAULT_CHUNK_BYTES`): about the bytes of one tile of logits
-            in fp32 (with its low-precision copy and the cap's derivative); a tile holds at least one row of the
-            vocabulary (``recompute=False`` and the forward pass) or ``MIN_BLOCK_COLUMNS`` columns.
+        chunk_bytes (`int`, *optional*): about the bytes of one tile of logits in fp32 (with its low-precision copy
+            and the cap's derivative); a tile holds at least one row of the vocabulary (``recompute=False`` and the
+            forward pass) or ``MIN_BLOCK_COLUMNS`` columns. Defaults to the size of `DEFAULT_CHUNK_ROWS` rows of
+            fp32 logits (``DEFAULT_CHUNK_ROWS * V * 4``: it does not grow with the number of tokens).
         recompute (`bool`, *optional*): ``False``: gradients computed during the forward pass and kept until the
             backward pass (three matrix products; ``reduction="mean"`` or ``"sum"`` only). ``True``: logits
             recomputed in the backward pass (four products; nothing of the head's size is accumulated). None (the
@@ -136,9 +141,9 @@ def linear_label_smoothed_cross_entropy(
     _check_head_tensors(hidden, head_weight, head_bias, target)
     num_classes = head_weight.shape[0]
     _check_class_weight(class_weight, num_classes, hidden.device, validate)
-    _check_normalizer(normalizer, reduction, validate)
     if isinstance(normalizer, Tensor) and normalizer.device != hidden.device:
         raise ValueError(f"normalizer must be on hidden's device {hidden.device}, got {normalizer.device}")
+    _check_normalizer(normalizer, reduction, validate)
     _check_head_options(logit_softcap, logit_scale, chunk_bytes, recompute, reduction)
     for name, tensor in (("class_weight", class_weight), ("normalizer", normalizer)):
         if isinstance(tensor, Tensor) and tensor.requires_grad:
@@ -181,7 +186,7 @@ def linear_label_smoothed_cross_entropy(
         reduction=reduction,
         softcap=None if logit_softcap is None else float(logit_softcap),
         scale=None if logit_scale is None or float(logit_scale) == 1.0 else float(logit_scale),
-        chunk_bytes=DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes),
+        chunk_bytes=None if chunk_bytes is None else int(chunk_bytes),
         recompute=recompute,
         needs=needs,
         positions=tuple(target.shape),
@@ -386,7 +391,7 @@ class _Options:
     reduction: str
     softcap: float | None
     scale: float | None
-    chunk_bytes: int
+    chunk_bytes: int | None  # None: DEFAULT_CHUNK_ROWS rows' worth
     recompute: bool
     needs: tuple[bool, bool, bool]  # gradients of hidden, head_weight, head_bias
     positions: tuple[int, ...]  # target's shape
@@ -446,7 +451,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
         grads = _Gradients(x, weight, bias, rows, options, by_blocks=False) if in_forward else None
         stats = torch.empty(4, len(rows), 1, dtype=dtype, device=x.device)
-        step = max(1, options.chunk_bytes // _bytes_per_logit(x.dtype, options, in_forward) // options.num_classes)
+        step = max(1, _tile_logits(x.dtype, options, in_forward) // options.num_classes)
         scratch = _Scratch()
         for start in range(0, len(rows), step):
             end = min(start + step, len(rows))
@@ -507,14 +512,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-def _bytes_per_logit(input_dtype: torch.dtype, options: _Options, with_gradient: bool) -> int:
-    """Scratch bytes per logit of a tile: fp32 logits, their low-precision product, the cap's derivative."""
+def _tile_logits(input_dtype: torch.dtype, options: _Options, with_gradient: bool) -> int:
+    """How many logits a tile holds: ``chunk_bytes`` (by default `DEFAULT_CHUNK_ROWS` rows of fp32 logits) over the
+    scratch bytes per logit (fp32 logits, their low-precision product, the cap's derivative)."""
+    budget = options.chunk_bytes
+    if budget is None:
+        budget = DEFAULT_CHUNK_ROWS * options.num_classes * options.dtype.itemsize
     nbytes = options.dtype.itemsize
     if input_dtype != options.dtype:
         nbytes += input_dtype.itemsize
     if options.softcap is not None and with_gradient:
         nbytes += options.dtype.itemsize
-    return nbytes
+    return budget // nbytes
 
 
 class _Scratch:
@@ -655,11 +664,11 @@ def _recompute_gradients(ctx, grad_output):
     total, picked, spread = rows.total * factor, rows.picked * factor, rows.spread * factor
 
     grads = _Gradients(x, weight, bias, rows, options, by_blocks=True)
-    per_logit = _bytes_per_logit(x.dtype, options, True)
+    tile = _tile_logits(x.dtype, options, True)
     # Blocks as wide as the budget allows with all rows in one tile, so that one product over all rows finishes
     # each block of the head's gradient; more rows than that are split into tiles whose products are summed.
-    columns = min(num_classes, max(MIN_BLOCK_COLUMNS, options.chunk_bytes // per_logit // max(1, num_rows)))
-    step = max(1, min(num_rows, options.chunk_bytes // per_logit // columns))
+    columns = min(num_classes, max(MIN_BLOCK_COLUMNS, tile // max(1, num_rows)))
+    step = max(1, min(num_rows, tile // columns))
     scratch = _Scratch()
     one_tile = step >= num_rows
     h_all = rows.hidden(x, 0, num_rows) if one_tile else None

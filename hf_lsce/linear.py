@@ -37,13 +37,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from hf_lsce.checks import IGNORE_INDEX, check_class_weight_values, check_number, describe
 from hf_lsce.fused import _chunk, _index_terms, _keep_graph
 from hf_lsce.loss import (
     _check_normalizer,
     _check_options,
     _check_target_values,
-    _describe,
-    _is_real,
     _smoothing_coefficients,
     mean_denominator,
 )
@@ -65,7 +64,7 @@ def linear_label_smoothed_cross_entropy(
     target: Tensor,
     head_bias: Tensor | None = None,
     class_weight: Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -218,7 +217,7 @@ class LinearLabelSmoothedCrossEntropyLoss(nn.Module):
     def __init__(
         self,
         class_weight: Tensor | None = None,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
@@ -288,11 +287,11 @@ class LinearLabelSmoothedCrossEntropyLoss(nn.Module):
 
 def _check_head_tensors(hidden, head_weight, head_bias, target) -> None:
     if not isinstance(hidden, Tensor) or not hidden.is_floating_point():
-        raise TypeError(f"hidden must be a floating-point tensor of shape (..., D), got {_describe(hidden)}")
+        raise TypeError(f"hidden must be a floating-point tensor of shape (..., D), got {describe(hidden)}")
     if hidden.dim() == 0:
         raise ValueError("hidden must have at least one dimension (the hidden size, last), got a 0-d tensor")
     if not isinstance(head_weight, Tensor) or not head_weight.is_floating_point():
-        raise TypeError(f"head_weight must be a floating-point tensor of shape (V, D), got {_describe(head_weight)}")
+        raise TypeError(f"head_weight must be a floating-point tensor of shape (V, D), got {describe(head_weight)}")
     hidden_size = hidden.shape[-1]
     if head_weight.dim() != 2 or head_weight.shape[1] != hidden_size:
         raise ValueError(
@@ -307,7 +306,7 @@ def _check_head_tensors(hidden, head_weight, head_bias, target) -> None:
         raise ValueError(f"head_weight must be on hidden's device {hidden.device}, got {head_weight.device}")
     if head_bias is not None:
         if not isinstance(head_bias, Tensor) or not head_bias.is_floating_point():
-            raise TypeError(f"head_bias must be a floating-point tensor of shape (V,), got {_describe(head_bias)}")
+            raise TypeError(f"head_bias must be a floating-point tensor of shape (V,), got {describe(head_bias)}")
         if tuple(head_bias.shape) != (head_weight.shape[0],):
             raise ValueError(
                 f"head_bias must have shape ({head_weight.shape[0]},) (head_weight's rows), "
@@ -318,10 +317,10 @@ def _check_head_tensors(hidden, head_weight, head_bias, target) -> None:
         if head_bias.device != hidden.device:
             raise ValueError(f"head_bias must be on hidden's device {hidden.device}, got {head_bias.device}")
     if not isinstance(target, Tensor) or target.dtype == torch.bool or target.is_complex():
-        raise TypeError(f"target must be an integer tensor of class indices, got {_describe(target)}")
+        raise TypeError(f"target must be an integer tensor of class indices, got {describe(target)}")
     if target.is_floating_point():
         raise TypeError(
-            f"target must be an integer tensor of class indices, got {_describe(target)}: probability targets "
+            f"target must be an integer tensor of class indices, got {describe(target)}: probability targets "
             "are (tokens, vocabulary) tensors themselves; use hf_lsce.label_smoothed_cross_entropy on logits"
         )
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
@@ -337,36 +336,21 @@ def _check_class_weight(weight, num_classes, device, validate) -> None:
     if weight is None:
         return
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
-        raise TypeError(f"class_weight must be a floating-point tensor of shape (V,), got {_describe(weight)}")
-    if weight.dim() != 1 or (num_classes is not None and weight.shape[0] != num_classes):
-        expected = "(V,)" if num_classes is None else f"({num_classes},) (head_weight's rows)"
-        raise ValueError(f"class_weight must have shape {expected}, got {tuple(weight.shape)}")
+        raise TypeError(f"class_weight must be a floating-point tensor of shape (V,), got {describe(weight)}")
     if device is not None and weight.device != device:
         raise ValueError(f"class_weight must be on hidden's device {device}, got {weight.device}")
-    if validate and weight.numel():
-        low, high = (value.item() for value in torch.aminmax(weight.detach()))
-        if not (0 <= low and high < math.inf):  # NaN fails both
-            raise ValueError(f"class_weight must be finite and non-negative, got minimum {low} and maximum {high}")
+    check_class_weight_values(weight, num_classes, name="class_weight", read_values=validate)
 
 
 def _check_head_options(logit_softcap, logit_scale, chunk_bytes, recompute, reduction) -> None:
     if logit_softcap is not None:
-        if not _is_real(logit_softcap):
-            raise TypeError(f"logit_softcap must be a float > 0 or None, got {_describe(logit_softcap)}")
-        if not 0 < logit_softcap < math.inf:
-            raise ValueError(f"logit_softcap must be a float > 0 (and finite) or None, got {logit_softcap}")
+        check_number("logit_softcap", logit_softcap, low=0, high=math.inf, low_open=True, high_open=True)
     if logit_scale is not None:
-        if not _is_real(logit_scale):
-            raise TypeError(f"logit_scale must be a float or None, got {_describe(logit_scale)}")
-        if not math.isfinite(logit_scale):
-            raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+        check_number("logit_scale", logit_scale, low=-math.inf, high=math.inf, low_open=True, high_open=True)
     if chunk_bytes is not None:
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
-            raise TypeError(f"chunk_bytes must be an int > 0 or None, got {_describe(chunk_bytes)}")
-        if chunk_bytes <= 0:
-            raise ValueError(f"chunk_bytes must be an int > 0 or None, got {chunk_bytes}")
+        check_number("chunk_bytes", chunk_bytes, low=0, low_open=True, integer=True)
     if recompute is not None and not isinstance(recompute, bool):
-        raise TypeError(f"recompute must be a bool or None, got {_describe(recompute)}")
+        raise TypeError(f"recompute must be a bool or None, got {describe(recompute)}")
     if recompute is False and reduction == "none":
         raise ValueError(
             "recompute=False keeps gradients scaled by one number, which reduction='none' does not give; "

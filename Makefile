@@ -14,7 +14,7 @@ $(PY):
 venv: $(PY)
 
 install: venv
-	$(PY) -m pip install -q -e ".[test,examples]"
+	$(PY) -m pip install -q -e ".[test,examples,trl]" "peft>=0.21"
 
 lint: install
 	$(PY) -m ruff check .

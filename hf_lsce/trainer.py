@@ -10,6 +10,9 @@ micro-batches and processes. The base `Trainer` cannot give this: it divides by 
 in Transformers 5.x it skips its ÷accumulation for models whose ``forward`` takes ``**kwargs`` even when the loss was
 not computed by the model, so the usual ``compute_loss`` override reports a loss (and gradients) accumulation-steps
 times too large.
+
+The logic lives in `SmoothingTrainerMixin`, which any `Trainer` subclass can take as its first base
+(``class T(SmoothingTrainerMixin, SomeTrainer)``); `SmoothingTrainer` is the mixin on `transformers.Trainer`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from hf_lsce.checks import IGNORE_INDEX, check_class_weight_values, check_labels
 from hf_lsce.class_weights import compute_class_weights
 from hf_lsce.fused import empty_cache
 from hf_lsce.loss import label_smoothed_cross_entropy, mean_denominator
-from hf_lsce.training_args import SmoothingArguments, SmoothingTrainingArguments
+from hf_lsce.training_args import SMOOTHING_OPTIONS, SmoothingArguments, SmoothingTrainingArguments
 
 logger = logging.get_logger(__name__)
 
@@ -52,8 +55,13 @@ def _warn_if_weights_reshape_smoothing(args: SmoothingArguments) -> None:
         )
 
 
-class SmoothingTrainer(Trainer):
-    """`transformers.Trainer` whose loss is `hf_lsce.label_smoothed_cross_entropy`, normalized over the full batch.
+# Methods whose version must be the mixin's (or a subclass's of it): another one first in the method order would
+# bypass the window's normalization or the evaluation totals.
+_OWNED_METHODS = ("compute_loss", "training_step", "get_batch_samples", "evaluation_loop", "prediction_step")
+
+
+class SmoothingTrainerMixin:
+    """The loss of `SmoothingTrainer` for any `transformers.Trainer` subclass: ``class T(SmoothingTrainerMixin, B)``.
 
     For one optimizer step, the loss, its gradients and the logged ``loss`` equal those of
     ``label_smoothed_cross_entropy(logits, labels, weight, reduction="mean", label_smoothing=eps, ...)`` on the
@@ -61,6 +69,14 @@ class SmoothingTrainer(Trainer):
     ``sum_i w[y_i]`` over all of them (the count of labels without weights), gathered across processes once per
     step. With ``label_smoothing=0`` and no weights this is ``F.cross_entropy`` over the full batch, i.e. what plain
     `Trainer` computes with ``gradient_accumulation_steps=1`` on one process.
+
+    The mixin must come before the `Trainer` class in the bases: a class whose method order puts another trainer's
+    ``compute_loss``, ``training_step``, ``get_batch_samples``, ``evaluation_loop`` or ``prediction_step`` before
+    the mixin's (e.g. ``class T(SFTTrainer, SmoothingTrainer)``) raises a TypeError when it is defined, and a parent
+    whose constructor replaces the arguments by a class without the smoothing options raises at construction.
+    ``args_class`` names the arguments class the options are resolved into: set it to a dataclass that combines
+    `SmoothingArguments` with the base trainer's own arguments class (`SmoothingSFTTrainer` and
+    `SmoothingSeq2SeqTrainer` do).
 
     Tasks (the head decides, labels -100 are ignored everywhere):
 
@@ -103,6 +119,19 @@ class SmoothingTrainer(Trainer):
     # returns a loss already normalized over the accumulation window.
     loss_is_scaled_for_ga = True
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _OWNED_METHODS:
+            owner = next(klass for klass in cls.__mro__ if name in vars(klass))
+            if not issubclass(owner, SmoothingTrainerMixin):
+                raise TypeError(
+                    f"{cls.__name__}: {owner.__name__}.{name} comes before SmoothingTrainerMixin.{name} in the method "
+                    f"order, so the smoothed, weighted loss and its normalization would not run. Put the smoothing "
+                    f"class first (class {cls.__name__}(SmoothingTrainerMixin, {owner.__name__}) or "
+                    f"class {cls.__name__}(SmoothingTrainer, ...)), or use hf_lsce.SmoothingSFTTrainer or "
+                    "hf_lsce.SmoothingSeq2SeqTrainer; to change the loss, override compute_loss in a subclass"
+                )
+
     def __init__(
         self,
         model: nn.Module | None = None,
@@ -130,7 +159,23 @@ class SmoothingTrainer(Trainer):
         )
         _warn_if_weights_reshape_smoothing(args)
 
-        super().__init__(model, args, *trainer_args, **kwargs)
+        try:
+            super().__init__(model, args, *trainer_args, **kwargs)
+        except TypeError as error:
+            if not any(f"'{name}'" in str(error) for name in SMOOTHING_OPTIONS):
+                raise
+            raise TypeError(
+                f"{type(self).__name__}: a parent class rebuilt the arguments as a class without the smoothing "
+                f"options ({error}); set args_class to a dataclass combining SmoothingArguments and that class, or "
+                "use hf_lsce.SmoothingSFTTrainer / SmoothingSeq2SeqTrainer"
+            ) from None
+        if not isinstance(self.args, SmoothingArguments):
+            raise TypeError(
+                f"{type(self).__name__}: a parent class replaced the arguments by a {type(self.args).__name__}, which "
+                "has no smoothing options; set args_class to a dataclass combining SmoothingArguments and "
+                f"{type(self.args).__name__}, or use hf_lsce.SmoothingSFTTrainer / SmoothingSeq2SeqTrainer"
+            )
+        self._loss_calls = 0
         self._window_denominator: float | None = None
         self._eval_totals: Tensor | None = None
         self._weights_on_device: dict[torch.device, Tensor] = {}
@@ -312,32 +357,12 @@ class SmoothingTrainer(Trainer):
         ):
             # Seq2seq models build these from `labels` inside `forward`; the labels no longer go there.
             inputs["decoder_input_ids"] = self._unwrapped_model().prepare_decoder_input_ids_from_labels(labels=labels)
+        self._loss_calls += 1
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         targets = self._targets({"labels": labels, "shift_labels": shift_target})
-        weight = self._weight_on(logits.device)
-        options = {"smoothing_style": self.args.smoothing_style, "weight_mode": self.args.weight_mode}
-
-        if model.training and self._window_denominator is not None:
-            # Dividing by (global sum / num_processes) scales each process's loss by num_processes, which DDP's
-            # gradient averaging (and the mean over processes of the logged loss) undoes. An all-padding window has
-            # a zero sum; then every local sum is zero too, and normalizer=None gives 0 with zero gradients, no NaN.
-            normalizer = self._window_denominator / self.accelerator.num_processes or None
-            loss = label_smoothed_cross_entropy(
-                logits, targets, weight, IGNORE_INDEX, "mean", self.args.label_smoothing,
-                normalizer=normalizer, validate=False, **options,
-            )  # fmt: skip
-        else:
-            total = label_smoothed_cross_entropy(
-                logits, targets, weight, IGNORE_INDEX, "sum", self.args.label_smoothing, **options
-            )
-            denominator = mean_denominator(targets, weight, IGNORE_INDEX, weight_mode=self.args.weight_mode)
-            loss = total / denominator if denominator > 0 else total * 0
-            if self._eval_totals is not None:
-                nll = label_smoothed_cross_entropy(logits.detach(), targets, reduction="sum")
-                count = mean_denominator(targets, None, IGNORE_INDEX)
-                sums = torch.stack([total.detach().double(), denominator.double(), nll.double(), count.double()])
-                self._eval_totals += sums.to(self._eval_totals.device)
+        loss = self._smoothed_loss(logits, targets, in_training=model.training)
+        self._record_batch_metrics(inputs, logits, targets)
 
         if not return_outputs:
             return loss
@@ -345,6 +370,43 @@ class SmoothingTrainer(Trainer):
             # Tuple outputs: `Trainer.prediction_step` expects the loss first, as a model computing it would return.
             outputs = (loss, *outputs)
         return loss, outputs
+
+    def _smoothed_loss(self, logits: Tensor, targets: Tensor, in_training: bool) -> Tensor:
+        """The loss of one micro-batch: normalized over the window in training, its own weighted mean elsewhere.
+
+        In evaluation the sums behind ``eval_loss`` and ``eval_nll`` are added up as well.
+        """
+        weight = self._weight_on(logits.device)
+        options = {"smoothing_style": self.args.smoothing_style, "weight_mode": self.args.weight_mode}
+        if in_training and self._window_denominator is not None:
+            # Dividing by (global sum / num_processes) scales each process's loss by num_processes, which DDP's
+            # gradient averaging (and the mean over processes of the logged loss) undoes. An all-padding window has
+            # a zero sum; then every local sum is zero too, and normalizer=None gives 0 with zero gradients, no NaN.
+            normalizer = self._window_denominator / self.accelerator.num_processes or None
+            return label_smoothed_cross_entropy(
+                logits, targets, weight, IGNORE_INDEX, "mean", self.args.label_smoothing,
+                normalizer=normalizer, validate=False, **options,
+            )  # fmt: skip
+        total = label_smoothed_cross_entropy(
+            logits, targets, weight, IGNORE_INDEX, "sum", self.args.label_smoothing, **options
+        )
+        denominator = mean_denominator(targets, weight, IGNORE_INDEX, weight_mode=self.args.weight_mode)
+        if self._eval_totals is not None:
+            nll = label_smoothed_cross_entropy(logits.detach(), targets, reduction="sum")
+            count = mean_denominator(targets, None, IGNORE_INDEX)
+            sums = torch.stack([total.detach().double(), denominator.double(), nll.double(), count.double()])
+            self._eval_totals += sums.to(self._eval_totals.device)
+        return total / denominator if denominator > 0 else total * 0
+
+    def _record_batch_metrics(self, inputs: dict[str, Tensor], logits: Tensor, targets: Tensor) -> None:
+        """Called after each loss with the model's inputs (labels removed), logits and targets; a hook for subclasses
+        that log per-batch metrics (`SmoothingSFTTrainer` logs TRL's)."""
+
+    def _score_outputs(self, outputs, labels: Tensor, shift_labels: bool = False) -> Tensor:
+        # `Seq2SeqTrainer.prediction_step` scores a generating evaluation step with `self.label_smoother(outputs,
+        # labels)` when one is set, else with the model's own loss: `prediction_step` below sets this there.
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        return self._smoothed_loss(logits, self._targets({"labels": labels}), in_training=False)
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Tensor], num_items_in_batch: Tensor | int | None = None
@@ -359,9 +421,15 @@ class SmoothingTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
+        calls = self._loss_calls
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         del inputs
+        if self._loss_calls == calls:
+            raise TypeError(
+                f"{type(self).compute_loss.__qualname__} did not call SmoothingTrainerMixin.compute_loss, so the "
+                "smoothed, weighted loss did not run; an override must call super().compute_loss(...)"
+            )
         if self.args.n_gpu > 1:
             loss = loss.mean()  # `nn.DataParallel` returns one value per device.
         kwargs = {}
@@ -377,6 +445,20 @@ class SmoothingTrainer(Trainer):
         return loss.detach()
 
     # ---- Evaluation ----
+
+    def prediction_step(self, model: nn.Module, inputs: dict, prediction_loss_only: bool, *args, **kwargs):
+        """The base class's `prediction_step`, with its loss always this trainer's (also when it generates).
+
+        `Trainer.prediction_step` calls `compute_loss`. `Seq2SeqTrainer.prediction_step` with
+        ``predict_with_generate=True`` runs the model itself and takes its loss from ``self.label_smoother`` (else
+        the model's own): the smoothed, weighted loss is put there for the call, so ``eval_loss`` and ``eval_nll``
+        stay this trainer's.
+        """
+        self.label_smoother = self._score_outputs
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, *args, **kwargs)
+        finally:
+            self.label_smoother = None
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
@@ -458,6 +540,20 @@ class SmoothingTrainer(Trainer):
             logger.info(f"Resuming with the class weights stored in {path}: {stored.tolist()}")
         elif stored.shape != self.class_weights.shape or not torch.allclose(stored, self.class_weights):
             logger.warning(f"The class weights given differ from those stored in {path}; using the given ones")
+
+
+class SmoothingTrainer(SmoothingTrainerMixin, Trainer):
+    """`transformers.Trainer` whose loss is `hf_lsce.label_smoothed_cross_entropy`, normalized over the full batch.
+
+    Everything is `SmoothingTrainerMixin`'s (the loss and what its mean divides by, the tasks, ``eval_loss`` and
+    ``eval_nll``, the options and their resolution into `SmoothingTrainingArguments`, class weights in
+    checkpoints); this class applies it to `transformers.Trainer`:
+
+    ```python
+    trainer = SmoothingTrainer(model=model, args=TrainingArguments("out"), train_dataset=train, label_smoothing=0.1,
+                               class_weights="balanced")
+    ```
+    """
 
 
 def _read_class_weights(path: str, num_classes: int | None) -> list[float]:

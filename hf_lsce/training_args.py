@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 
-from transformers import TrainingArguments
+from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from hf_lsce.checks import DEFAULT_LABEL_SMOOTHING, SMOOTHING_STYLES, WEIGHT_MODES, check_choice, check_number
 from hf_lsce.class_weights import check_class_weights
@@ -160,4 +160,12 @@ class SmoothingTrainingArguments(SmoothingArguments, TrainingArguments):
     __doc__ = (
         "`TrainingArguments` plus the options of `SmoothingTrainer`'s loss (the fields of `SmoothingArguments`).\n"
         + SmoothingArguments.__doc__.split("\n", 1)[1]
+    )
+
+
+@dataclass
+class SmoothingSeq2SeqTrainingArguments(SmoothingArguments, Seq2SeqTrainingArguments):
+    __doc__ = (
+        "`Seq2SeqTrainingArguments` plus the options of `SmoothingTrainer`'s loss (the fields of "
+        "`SmoothingArguments`), for `SmoothingSeq2SeqTrainer`.\n" + SmoothingArguments.__doc__.split("\n", 1)[1]
     )

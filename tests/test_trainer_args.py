@@ -13,7 +13,12 @@ from conftest import tiny_bert_classifier
 from sklearn.utils.class_weight import compute_class_weight
 from transformers import HfArgumentParser, TrainingArguments
 
-from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments, compute_class_weights
+from hf_lsce import (
+    SmoothingSeq2SeqTrainingArguments,
+    SmoothingTrainer,
+    SmoothingTrainingArguments,
+    compute_class_weights,
+)
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import trainer_tasks as tasks  # noqa: E402
@@ -336,3 +341,8 @@ def test_arguments_of_another_class_are_refused_when_fields_would_be_lost(tmp_pa
     common = {"output_dir": str(tmp_path), "report_to": [], "use_cpu": True}
     with pytest.raises(TypeError, match=r"args is a Seq2SeqTrainingArguments, whose fields generation_config, .*"):
         SmoothingTrainer(model=tiny_bert_classifier(num_labels=3), args=Seq2SeqTrainingArguments(**common))
+    # Arguments with the smoothing options and more fields keep their class.
+    args = SmoothingSeq2SeqTrainingArguments(**common)
+    assert SmoothingTrainer(model=tiny_bert_classifier(num_labels=3), args=args).args is args
+    trainer = SmoothingTrainer(model=tiny_bert_classifier(num_labels=3), args=args, weight_mode="torch")
+    assert type(trainer.args) is SmoothingSeq2SeqTrainingArguments and trainer.args.weight_mode == "torch"

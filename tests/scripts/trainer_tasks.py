@@ -175,8 +175,11 @@ def training_args(
 
 def run(task, output_dir, batch_size, grad_accum, *, trainer_cls=OrderedSmoothingTrainer, steps=1, lengths=LENGTHS,
         weights=True, args_kwargs=None, dtype=torch.float64, resume_from_checkpoint=None, eval_dataset=None,
-        **trainer_kwargs) -> dict:  # fmt: skip
-    """Trains ``steps`` optimizer steps; returns the final parameters, the training loss and the logged losses."""
+        args=None, **trainer_kwargs) -> dict:  # fmt: skip
+    """Trains ``steps`` optimizer steps; returns the final parameters, the training loss and the logged losses.
+
+    ``args`` replaces the arguments built from ``batch_size``, ``grad_accum``, ``steps`` and ``args_kwargs``.
+    """
     net = model(task, dtype)
     kwargs = dict(args_kwargs or {})
     if weights and trainer_cls is not PerMicroBatchMeanTrainer:
@@ -184,7 +187,8 @@ def run(task, output_dir, batch_size, grad_accum, *, trainer_cls=OrderedSmoothin
     if trainer_cls is PerMicroBatchMeanTrainer:
         trainer_kwargs.update(weight=class_weights(task) if weights else None, shift=task == "causal_lm")
         kwargs["label_smoothing"] = 0.0
-    args = training_args(output_dir, batch_size, grad_accum, steps=steps, **kwargs)
+    if args is None:
+        args = training_args(output_dir, batch_size, grad_accum, steps=steps, **kwargs)
     trainer = trainer_cls(
         model=net, args=args, train_dataset=examples(task, lengths), eval_dataset=eval_dataset,
         data_collator=collator(task), **trainer_kwargs,

@@ -2,7 +2,8 @@
 
 Every rank trains each task once per split (2 processes × batch 4; 2 processes × batch 2 × accumulation 2; and the
 negative control, a per-micro-batch mean, at 2 × 2 × 2); rank 0 writes the parameters after the step and the losses
-to OUT (torch.save) and OUT.json.
+to OUT (torch.save) and OUT.json. The task "sft" (TRL's SFTTrainer through SmoothingSFTTrainer, needs TRL) runs the
+two splits without the control.
 """
 
 import os
@@ -23,6 +24,12 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for task in tasks:
+            if task == "sft":
+                import trainer_sft_tasks
+
+                for name, (batch_size, grad_accum) in SPLITS.items():
+                    results[f"sft/{name}"] = trainer_sft_tasks.run(f"{tmp}/sft-{name}", batch_size, grad_accum)
+                continue
             for name, (batch_size, grad_accum) in SPLITS.items():
                 results[f"{task}/{name}"] = run(task, f"{tmp}/{task}-{name}", batch_size, grad_accum)
             results[f"{task}/control"] = run(task, f"{tmp}/{task}-control", 2, 2, trainer_cls=PerMicroBatchMeanTrainer)

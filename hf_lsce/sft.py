@@ -1,0 +1,128 @@
+"""`SmoothingSFTTrainer`: TRL's `SFTTrainer` with `SmoothingTrainer`'s loss and TRL's own logged metrics.
+
+TRL is an optional extra (``pip install "hf-lsce[trl]"``): without it this module still imports, and the two classes
+raise an ImportError that says so when they are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hf_lsce.checks import IGNORE_INDEX
+from hf_lsce.trainer import SmoothingTrainerMixin
+from hf_lsce.training_args import SmoothingArguments
+
+try:
+    from trl import SFTConfig, SFTTrainer
+except ImportError as error:  # the optional extra is not installed
+    _TRL_IMPORT_ERROR: ImportError | None = error
+else:
+    _TRL_IMPORT_ERROR = None
+
+# Rows of logits turned into probabilities at a time for the entropy metric: bounds its extra memory (K floats each).
+_METRIC_ROWS = 1024
+
+
+def _requires_trl(name: str) -> type:
+    def fail(*args, **kwargs):
+        raise ImportError(
+            f"{name} needs TRL, which is not installed: pip install 'hf-lsce[trl]' ({_TRL_IMPORT_ERROR})"
+        )
+
+    return type(name, (), {"__init__": fail, "__init_subclass__": classmethod(fail), "__doc__": f"Needs TRL: {name}."})
+
+
+if _TRL_IMPORT_ERROR is not None:
+    SmoothingSFTConfig = _requires_trl("SmoothingSFTConfig")
+    SmoothingSFTTrainer = _requires_trl("SmoothingSFTTrainer")
+else:
+
+    @dataclass
+    class SmoothingSFTConfig(SmoothingArguments, SFTConfig):
+        __doc__ = (
+            "TRL's `SFTConfig` plus the options of `SmoothingTrainer`'s loss (the fields of `SmoothingArguments`), "
+            'for `SmoothingSFTTrainer`. ``loss_type`` must be ``"nll"``, the loss this trainer smooths.\n'
+            + SmoothingArguments.__doc__.split("\n", 1)[1]
+        )
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.loss_type != "nll":
+                raise ValueError(
+                    f"loss_type must be 'nll' with SmoothingSFTTrainer (its smoothed, weighted cross-entropy replaces "
+                    f"TRL's loss), got {self.loss_type!r}"
+                )
+
+    class SmoothingSFTTrainer(SmoothingTrainerMixin, SFTTrainer):
+        """TRL's `SFTTrainer` whose loss is `SmoothingTrainer`'s (see `SmoothingTrainerMixin`).
+
+        The causal-LM loss scores ``logits[:, t]`` against ``labels[:, t + 1]`` (or a batch's ``shift_labels``) with
+        label smoothing and per-token class weights, divided by the sum of the weights of the labelled tokens over the
+        accumulation window on all processes. TRL's masks are the labels' -100s, so completion-only and
+        assistant-only training, packing and padding-free batches (``position_ids``) keep their meaning exactly.
+        TRL's logged metrics stay: ``entropy`` and ``mean_token_accuracy`` over the labelled tokens, and
+        ``num_tokens``, computed from the full logits this loss needs (TRL's own fused head does not build them).
+
+        ``args`` is resolved into `SmoothingSFTConfig`: a plain `SFTConfig` (or `TrainingArguments`) is converted,
+        and the keyword options ``label_smoothing``, ``smoothing_style``, ``weight_mode`` and ``class_weights``
+        override into it. TRL's ``label_smoothing_factor`` alone is taken as ``label_smoothing`` (TRL's extra forward
+        pass for it never runs). Mixture-of-experts router losses are not supported.
+        """
+
+        args_class = SmoothingSFTConfig
+
+        def __init__(self, model, args=None, *trainer_args, **kwargs) -> None:
+            super().__init__(model, args, *trainer_args, **kwargs)
+            if self.aux_loss_enabled:
+                raise ValueError(
+                    "SmoothingSFTTrainer does not add a mixture-of-experts router loss; set router_aux_loss_coef=0 in "
+                    "the model's config or use TRL's SFTTrainer"
+                )
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # As TRL does: the key-value cache is of no use in a training or scoring forward pass.
+            return super().compute_loss(model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
+
+        def training_step(self, *args, **kwargs):
+            with self.maybe_activation_offload_context:
+                return super().training_step(*args, **kwargs)
+
+        def _record_batch_metrics(self, inputs: dict[str, Tensor], logits: Tensor, targets: Tensor) -> None:
+            """TRL's metrics of one batch, as `SFTTrainer.compute_loss` records them.
+
+            ``entropy``: mean over labelled tokens of the entropy of ``softmax(logits)``; ``mean_token_accuracy``:
+            share of labelled tokens whose label is the first argmax of the logits; both over all processes.
+            ``num_tokens``: tokens seen in training so far (attention-mask sum, or packed length when padding-free).
+            """
+            mode = "train" if self.model.training else "eval"
+            with torch.no_grad():
+                rows = logits.detach().flatten(0, -2)
+                labels = targets.flatten()
+                counted = (labels != IGNORE_INDEX).nonzero().flatten()
+                dtype = torch.promote_types(rows.dtype, torch.float32)
+                entropy_sum = torch.zeros((), dtype=dtype, device=rows.device)
+                correct = torch.zeros((), dtype=torch.long, device=rows.device)
+                for index in counted.split(_METRIC_ROWS):
+                    chunk = rows[index].to(dtype)
+                    log_p = chunk.log_softmax(-1)
+                    entropy_sum -= (log_p.exp() * log_p).sum()
+                    correct += (chunk.argmax(-1) == labels[index]).sum()
+                gather = self.accelerator.gather_for_metrics
+                num_valid = gather(counted.new_tensor(counted.numel())).sum()
+                entropy_sum = gather(entropy_sum).sum()
+                correct = gather(correct).sum()
+            self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+            self._metrics[mode]["mean_token_accuracy"].append((correct / num_valid).item() if num_valid > 0 else 0.0)
+            if mode == "train":
+                if "attention_mask" in inputs:
+                    num_tokens = gather(inputs["attention_mask"].sum()).sum().item()
+                elif "position_ids" in inputs:
+                    position_ids = inputs["position_ids"]
+                    num_tokens = gather(torch.tensor(position_ids.size(1), device=position_ids.device)).sum().item()
+                else:
+                    raise ValueError("SmoothingSFTTrainer expects 'attention_mask' or 'position_ids' in every batch")
+                self._total_train_tokens += num_tokens // self._tp_size
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]

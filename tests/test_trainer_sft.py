@@ -1,0 +1,199 @@
+"""SmoothingSFTTrainer (TRL's SFTTrainer with SmoothingTrainer's loss): exact steps, TRL's metrics, wrong orders.
+
+The truth is `trainer_sft_tasks.full_batch_reference`: TRL prepares and collates the 8 prompt/completion examples
+(plain `SFTTrainer`, prompts masked with -100), then one SGD step on the whole batch with `F.cross_entropy`.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from transformers import TrainingArguments  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from hf_lsce import SmoothingSFTConfig, SmoothingSFTTrainer, SmoothingTrainer  # noqa: E402
+
+SCRIPTS = Path(__file__).parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+import trainer_sft_tasks as sft  # noqa: E402
+import trainer_tasks as tasks  # noqa: E402
+
+TOLERANCE = 1e-6
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft_references")
+    return {mode: sft.full_batch_reference(root / mode, weight_mode=mode) for mode in ("example", "torch")}
+
+
+def _check_matches_reference(result, reference):
+    assert tasks.max_abs_diff(result["params"], reference["params"]) <= TOLERANCE
+    assert result["training_loss"] == pytest.approx(reference["loss"], abs=TOLERANCE)
+    assert result["logged"] == [pytest.approx(reference["loss"], abs=TOLERANCE)]
+
+
+@pytest.mark.parametrize(("batch_size", "grad_accum"), [(8, 1), (2, 4)])
+def test_one_step_equals_full_batch(tmp_path, references, batch_size, grad_accum):
+    # Smoothing, per-token class weights (weight_mode="example", the default) and TRL's prompt masks together.
+    _check_matches_reference(sft.run(tmp_path, batch_size, grad_accum), references["example"])
+
+
+def test_one_step_equals_full_batch_in_torch_weight_mode(tmp_path, references):
+    result = sft.run(tmp_path, 2, 4, config_kwargs={"weight_mode": "torch"})
+    _check_matches_reference(result, references["torch"])
+
+
+def test_prompt_masks_are_in_the_truth(tmp_path, references):
+    """The reference scores completions only: the prompts are -100, and scoring them too gives another step."""
+    labels = references["example"]["labels"]
+    prompt_lengths = [prompt for prompt, _ in sft.PAIRS]
+    for row, prompt in zip(labels, prompt_lengths):
+        assert (row[:prompt] == -100).all() and (row[prompt] != -100)
+    unmasked = sft.full_batch_reference(tmp_path, mask_prompts=False)
+    assert tasks.max_abs_diff(unmasked["params"], references["example"]["params"]) > 1e-3
+
+
+def test_packing_and_padding_free_batches_equal_full_batch(tmp_path, references):
+    # bfd packing puts all 8 examples in one row without padding (position_ids restart per example); TRL marks the
+    # first token of every example -100, so no example is scored from the one before it.
+    result = sft.run(tmp_path, 8, 1, config_kwargs={"packing": True})
+    assert result["trainer"].padding_free
+    _check_matches_reference(result, references["example"])
+
+
+def test_plain_sft_config_with_keyword_options(tmp_path, references):
+    config = sft.config(tmp_path, 2, 4, config_cls=SFTConfig)
+    trainer = sft.OrderedSmoothingSFTTrainer(
+        model=sft.model(), args=config, train_dataset=sft.dataset(), processing_class=sft.tokenizer(),
+        label_smoothing=tasks.EPSILON, class_weights=sft.class_weights(),
+    )  # fmt: skip
+    assert type(trainer.args) is SmoothingSFTConfig and trainer.args.max_length == 64
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    assert tasks.max_abs_diff(params, references["example"]["params"]) <= TOLERANCE
+
+
+def test_label_smoothing_factor_alone_is_the_eps_and_trl_smoother_never_runs(tmp_path):
+    config = sft.config(tmp_path, 8, 1, config_cls=SFTConfig, label_smoothing_factor=0.2)
+    trainer = SmoothingSFTTrainer(
+        model=sft.model(), args=config, train_dataset=sft.dataset(), processing_class=sft.tokenizer()
+    )
+    assert (trainer.args.label_smoothing, trainer.args.label_smoothing_factor) == (0.2, 0.0)
+    assert trainer.label_smoother is None
+
+
+class OrderedSFTTrainer(tasks.SequentialSamplerMixin, SFTTrainer):
+    pass
+
+
+def test_trl_metrics_are_kept_and_equal_trls(tmp_path):
+    ours = sft.run(tmp_path / "ours", 2, 4, weights=False, config_kwargs={"label_smoothing": 0.0})
+    trl_trainer = OrderedSFTTrainer(
+        model=sft.model(), args=sft.config(tmp_path / "trl", 2, 4, config_cls=SFTConfig), train_dataset=sft.dataset(),
+        processing_class=sft.tokenizer(),
+    )  # fmt: skip
+    trl_trainer.train()
+    (mine,) = [entry for entry in ours["log_history"] if "loss" in entry]
+    (theirs,) = [entry for entry in trl_trainer.state.log_history if "loss" in entry]
+    # Without smoothing and weights the two losses are the same cross-entropy; the metrics are computed alike.
+    assert mine["loss"] == pytest.approx(theirs["loss"], abs=TOLERANCE)
+    for key in ("entropy", "mean_token_accuracy", "num_tokens"):
+        assert key in mine
+        assert mine[key] == pytest.approx(theirs[key], abs=1e-6), key
+    assert mine["num_tokens"] == sum(prompt + completion + 1 for prompt, completion in sft.PAIRS)
+    # ... and in evaluation, next to eval_loss and eval_nll.
+    metrics = ours["trainer"].evaluate(sft.dataset())
+    trl_metrics = trl_trainer.evaluate(sft.dataset())
+    for key in ("eval_entropy", "eval_mean_token_accuracy"):
+        assert metrics[key] == pytest.approx(trl_metrics[key], abs=1e-6), key
+    assert metrics["eval_nll"] == pytest.approx(metrics["eval_loss"], abs=1e-9)  # eps = 0, no weights
+
+
+def test_wrong_method_order_raises_when_the_class_is_defined():
+    with pytest.raises(TypeError, match=r"SFTTrainer.compute_loss comes before SmoothingTrainerMixin.compute_loss"):
+
+        class WrongOrder(SFTTrainer, SmoothingTrainer):
+            pass
+
+
+def test_parent_that_rebuilds_the_arguments_raises_at_construction(tmp_path):
+    class LosesOptions(SmoothingTrainer, SFTTrainer):
+        """Our loss runs first, but SFTTrainer converts SmoothingTrainingArguments into a plain SFTConfig."""
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(TypeError, match="a parent class rebuilt the arguments as a class without the smoothing"):
+        LosesOptions(model=sft.model(), args=args, train_dataset=sft.dataset(), processing_class=sft.tokenizer())
+
+
+def test_loss_types_other_than_nll_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="loss_type must be 'nll' with SmoothingSFTTrainer .*got 'dft'"):
+        sft.config(tmp_path, 8, 1, loss_type="dft")
+
+
+def test_peft_lora_causal_lm(tmp_path, references):
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    base = sft.model()
+    frozen = {name: p.detach().clone() for name, p in base.named_parameters()}
+    result = sft.run(tmp_path, 2, 4, trainer_kwargs={"peft_config": lora}, net=base)
+    trainer = result["trainer"]
+    assert trainer._unwrapped_model() is base
+    # LoRA's B starts at zero, so the first step's loss is the base model's: the full-batch truth.
+    assert result["training_loss"] == pytest.approx(references["example"]["loss"], abs=TOLERANCE)
+    # The adapters trained (LoRA's B leaves zero) while the base model's weights stayed as they were.
+    lora_b = [p for name, p in trainer.model.named_parameters() if "lora_B" in name]
+    assert lora_b and all((p != 0).any() for p in lora_b)
+    for name, p in base.named_parameters():
+        if "lora_" not in name:
+            torch.testing.assert_close(p, frozen[name.replace("base_layer.", "")], rtol=0, atol=0)
+
+
+def test_import_without_trl_works_and_the_classes_say_what_is_missing():
+    code = (
+        "import sys; sys.modules['trl'] = None\n"
+        "import hf_lsce\n"
+        "from hf_lsce import SmoothingSFTTrainer, SmoothingSFTConfig, SmoothingTrainer\n"
+        "for cls in (SmoothingSFTTrainer, SmoothingSFTConfig):\n"
+        "    try:\n"
+        "        cls(output_dir='x')\n"
+        "    except ImportError as error:\n"
+        "        print(error)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = completed.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert all("needs TRL, which is not installed: pip install 'hf-lsce[trl]'" in line for line in lines)
+
+
+# ---- two processes ----
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_two_processes_equal_full_batch(tmp_path, references):
+    out = tmp_path / "results.pt"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        str(SCRIPTS / "trainer_worker.py"), str(out), "sft",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = torch.load(out, weights_only=False)
+    for split in ("2x4", "2x2x2"):
+        _check_matches_reference(results[f"sft/{split}"], references["example"])

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: venv install test test-all lint demo-data demo study bench clean
+.PHONY: venv install test test-all lint demo-data demo study study-imbalanced3 bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -57,6 +57,14 @@ study: demo-data
 	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_sms.yaml
 	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_sms_example.yaml
 	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_full.yaml
+
+# Class weights with smoothing on an imbalanced 3-class task (issue 15; see docs/studies.md): both weight modes, 3 seeds,
+# then the per-class recall table. About 20 minutes on 2 idle CPU cores.
+study-imbalanced3: demo-data
+	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_imbalanced3.yaml
+	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_imbalanced3_torch.yaml
+	$(PY) examples/per_class_report.py runs/study/imbalanced3 runs/study/imbalanced3_torch \
+		--output docs/results/imbalanced3/per_class.md
 
 # Loss and trainer benchmarks, then the performance table (pasted into docs/performance.md) and plot (tens of minutes
 # on 2 cores).

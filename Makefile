@@ -59,7 +59,7 @@ study: demo-data
 	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_full.yaml
 
 # Class weights with smoothing on an imbalanced 3-class task (issue 15; see docs/studies.md): both weight modes, 3 seeds,
-# then the per-class recall table. About 20 minutes on 2 idle CPU cores.
+# then the per-class recall table. About 11 minutes on 2 idle CPU cores.
 study-imbalanced3: demo-data
 	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_imbalanced3.yaml
 	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_imbalanced3_torch.yaml

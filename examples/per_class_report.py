@@ -51,7 +51,7 @@ def class_names(config: dict, num_classes: int) -> list[str]:
 
 
 def collect(output_dirs: list[Path], split: str) -> tuple[dict[tuple[str, str], list[dict]], list[str]]:
-    """Rates of every trained run, grouped by (setting label, weight mode) in the order the folders list them."""
+    """Rates of every trained run, grouped by (setting label, weight mode)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     names = None
     for output_dir in output_dirs:
@@ -67,9 +67,14 @@ def collect(output_dirs: list[Path], split: str) -> tuple[dict[tuple[str, str], 
                     raise KeyError(f"{path.parent / 'predictions.npz'}: no {split}_logits")
                 logits, labels = arrays[f"{split}_logits"], arrays[f"{split}_labels"].astype(np.int64)
             names = names or class_names(analysis["glue_config"], logits.shape[1])
-            key = (analysis["setting"]["label"], str(analysis["glue_config"].get("weight_mode", "?")))
-            groups.setdefault(key, []).append(class_rates(logits, labels, logits.shape[1]))
-    return groups, names
+            setting = analysis["setting"]
+            weight_mode = str(analysis["glue_config"].get("weight_mode", "?"))
+            # The reading order of compare_report.py's table: no weights first, then by ε; the modes side by side.
+            order = (setting["class_weights"] != "none", setting["class_weights"], setting["label_smoothing"])
+            groups.setdefault((*order, setting["label"], weight_mode), []).append(
+                class_rates(logits, labels, logits.shape[1])
+            )
+    return {key[-2:]: groups[key] for key in sorted(groups)}, names
 
 
 def markdown(groups: dict[tuple[str, str], list[dict]], names: list[str], split: str) -> str:

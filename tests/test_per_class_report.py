@@ -25,7 +25,7 @@ def test_class_rates_hand_computed():
 def _fake_run(root: Path, slug: str, seed: int, predicted: list[int], labels: list[int], **setting) -> None:
     run = root / slug / f"seed{seed}"
     run.mkdir(parents=True)
-    setting = {"label": slug, "temperature_scaling": False, **setting}
+    setting = {"label": slug, "temperature_scaling": False, "class_weights": "none", "label_smoothing": 0.0, **setting}
     config = {"dataset": "vader_nyt_3class", "weight_mode": "torch"}
     (run / "analysis.json").write_text(json.dumps({"setting": setting, "glue_config": config}))
     logits = np.eye(3, dtype=np.float32)[predicted]

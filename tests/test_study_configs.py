@@ -62,3 +62,12 @@ def test_parse_rejects_a_misspelled_study_key(tmp_path):
     config.write_text(f"extends: {EXPERIMENTS / 'compare_imbalanced3.yaml'}\nlabel_smothing: [0.1]\n")
     with pytest.raises(ValueError, match="unknown keys .*label_smothing"):
         compare_smoothing.parse_args(["--config", str(config)])
+
+
+def test_per_class_block_holds_the_generated_table():
+    # The per-class table is not a grid's results.md, so tests/test_docs.py does not cover its block.
+    text = (REPO / "docs" / "studies.md").read_text()
+    start, end = "<!-- results:imbalanced3_per_class -->", "<!-- /results:imbalanced3_per_class -->"
+    assert text.count(start) == text.count(end) == 1
+    block = text.split(start)[1].split(end)[0].strip()
+    assert block == (REPO / "docs" / "results" / "imbalanced3" / "per_class.md").read_text().strip()

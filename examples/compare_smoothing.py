@@ -1,19 +1,23 @@
 """Does label smoothing (and class weighting) help a text classifier? Accuracy *and* calibration, over seeds.
 
-Runs a grid of settings (label smoothing ε, smoothing style, class weights) × seeds, each one an ordinary
-``examples/glue.py`` run in a subprocess (the very code path a user runs), plus the baseline "ε = 0 + temperature
-scaling" (Desai & Durrett 2020): the temperature is fitted on the validation logits of the ε = 0 run of the same
-seed and class weights and reported on test; it needs no extra training. Then ``compare_report.py`` writes, from the
-JSON records alone:
+Runs a grid of settings (label smoothing ε, smoothing style, class weights, training label noise) × seeds, each one
+an ordinary ``examples/glue.py`` run in a subprocess (the very code path a user runs), plus the baseline "ε = 0 +
+temperature scaling" (Desai & Durrett 2020): the temperature is fitted on the validation logits of the ε = 0 run of
+the same seed, class weights and noise, and applied to every evaluation set; it needs no extra training. The
+evaluation sets are the test split and any extra test sets the runs have (glue.py's ``--extra_test_files`` and
+``--extra_test_sets``: out-of-domain data). Then ``compare_report.py`` writes, from the JSON records alone:
 
-* ``results.md`` / ``results.csv``: test accuracy, macro-F1, NLL, ECE and Brier score, mean ± std over seeds;
-* ``reliability.png`` (one reliability diagram per setting), ``accuracy_ece_vs_eps.png``, ``confidence_hist.png``.
+* ``results.md`` / ``results.csv``: accuracy, macro-F1, NLL, ECE, Brier score, AURC and the error at 80 % coverage,
+  mean ± std over seeds, one table per evaluation set;
+* ``reliability.png`` (one reliability diagram per setting; ``reliability_<set>.png`` for each extra set),
+  ``accuracy_ece_vs_eps.png``, ``ece_aurc_vs_eps.png`` (one row per evaluation set), ``confidence_hist.png``.
 
 This file is the runner (options, grid, glue.py runs, the ``analysis.json`` of each run); the table, plots and the
 Markdown paste are in ``compare_report.py``.
 
 Layout of ``output_dir``: ``<setting>/seed<k>/`` holds glue.py's ``record.json`` and ``predictions.npz`` plus this
-script's ``analysis.json`` (metrics recomputed from the logits, reliability bins, confidence histogram). Every file
+script's ``analysis.json`` (metrics recomputed from the logits for every split, reliability bins and a confidence
+histogram per evaluation set; an analysis of an older version is rebuilt from the predictions). Every file
 is written whole (a temporary file renamed into place). A run whose ``record.json`` holds a JSON object is finished
 and not trained again, so an interrupted comparison resumes where it stopped; an empty or truncated record counts as
 unfinished, and that run is redone.
@@ -69,6 +73,9 @@ from hf_lsce.evaluation.metrics import classification_metrics, reliability_bins,
 
 GLUE_SCRIPT = Path(__file__).resolve().parent / "glue.py"
 HISTOGRAM_BINS = 20
+# Version 2: every evaluation set (test and the extra test sets) has its metrics, reliability bins and histogram. An
+# older analysis.json is rebuilt from its run's predictions.npz (no training).
+ANALYSIS_VERSION = 2
 
 
 @dataclass
@@ -91,8 +98,19 @@ class CompareArguments:
         default_factory=lambda: ["none", "balanced"],
         metadata={"help": "Class weights: 'none', 'balanced', or comma-separated floats such as '1.0,3.0'."},
     )
+    label_noise: list[float] = field(
+        default_factory=lambda: [0.0],
+        metadata={
+            "help": "Fractions of training labels replaced by another class (glue.py --label_noise; the same "
+            "examples in every run: --label_noise_seed is the base config's)."
+        },
+    )
     temperature_scaling: bool = field(
-        default=True, metadata={"help": "Add the 'ε = 0 + temperature scaling' baseline (needs ε = 0 in the grid)."}
+        default=True,
+        metadata={
+            "help": "Add the 'ε = 0 + temperature scaling' baseline per class weights and noise level (needs ε = 0 "
+            "in the grid); T is fitted on the validation split and applied to every evaluation set."
+        },
     )
     glue_overrides: list[str] = field(
         default_factory=list,
@@ -127,17 +145,25 @@ class Setting:
     smoothing_style: str | None  # None when ε = 0: the style does not matter
     class_weights: str
     temperature_scaling: bool = False
+    label_noise: float = 0.0
 
     @property
     def slug(self) -> str:
-        """Directory name, e.g. ``eps0.1-uniform-cw_none`` or ``eps0-cw_balanced-ts``."""
+        """Directory name, e.g. ``eps0.1-uniform-cw_none``, ``eps0-cw_balanced-ts`` or ``eps0-cw_none-noise0.2``."""
         parts = [f"eps{self.label_smoothing:g}"]
         if self.smoothing_style:
             parts.append(self.smoothing_style)
         parts.append("cw_" + self.class_weights.replace(",", "_"))
+        if self.label_noise:
+            parts.append(f"noise{self.label_noise:g}")  # absent at 0: the folders of grids without noise stay
         if self.temperature_scaling:
             parts.append("ts")
         return "-".join(parts)
+
+    @property
+    def cross_entropy(self) -> Setting:
+        """The ε = 0 run that this setting's temperature-scaling baseline reuses (same class weights and noise)."""
+        return Setting(0.0, None, self.class_weights, label_noise=self.label_noise)
 
     @property
     def label(self) -> str:
@@ -151,6 +177,8 @@ class Setting:
             text = "ε=0 + temperature scaling"
         if self.class_weights != "none":
             text += f", {self.class_weights} weights"
+        if self.label_noise:
+            text += f", noise {self.label_noise:g}"
         return text
 
 
@@ -171,6 +199,10 @@ def parse_args(argv: list[str] | None = None) -> CompareArguments:
         (pre,) = parser.parse_args_into_dataclasses(argv)
     args = pre
     args.label_smoothing = [float(value) for value in args.label_smoothing]
+    args.label_noise = [float(value) for value in args.label_noise]
+    for value in args.label_noise:
+        if not 0 <= value <= 1:
+            raise UsageError("--label_noise", f"must be fractions in [0, 1], got {value:g}")
     args.class_weights = [str(value) for value in args.class_weights]
     for override in args.glue_overrides:
         if "=" not in override:
@@ -193,14 +225,16 @@ def check_base_config(args: CompareArguments) -> None:
 
 
 def expand_grid(args: CompareArguments) -> list[Setting]:
-    """The settings to train, then the temperature-scaled baselines (one per class-weight choice with ε = 0)."""
+    """The settings to train, then the temperature-scaled baselines (one per class weights and noise with ε = 0)."""
     settings = []
-    for epsilon, class_weights in itertools.product(args.label_smoothing, args.class_weights):
+    for noise, epsilon, class_weights in itertools.product(args.label_noise, args.label_smoothing, args.class_weights):
         styles = args.smoothing_style if epsilon > 0 else [None]
-        settings.extend(Setting(epsilon, style, class_weights) for style in styles)
+        settings.extend(Setting(epsilon, style, class_weights, label_noise=noise) for style in styles)
     settings = list(dict.fromkeys(settings))  # repeated values in the YAML would train the same thing twice
     if args.temperature_scaling:
-        settings += [Setting(0.0, None, s.class_weights, True) for s in settings if s.label_smoothing == 0]
+        settings += [
+            Setting(0.0, None, s.class_weights, True, s.label_noise) for s in settings if s.label_smoothing == 0
+        ]
     return settings
 
 
@@ -213,6 +247,8 @@ def glue_command(args: CompareArguments, setting: Setting, seed: int, run_dir: P
         launcher = [sys.executable]
     flags = ["--config", args.base_config] if args.base_config else []
     flags += ["--label_smoothing", f"{setting.label_smoothing:g}", "--seed", str(seed)]
+    # Always given, so that 0 also overrides a base config's noise.
+    flags += ["--label_noise", f"{setting.label_noise:g}"]
     if setting.smoothing_style:
         flags += ["--smoothing_style", setting.smoothing_style]
     if setting.class_weights != "none":
@@ -227,30 +263,40 @@ def glue_command(args: CompareArguments, setting: Setting, seed: int, run_dir: P
 
 
 def analyze(logits: dict[str, np.ndarray], labels: dict[str, np.ndarray], n_bins: int) -> dict:
-    """Metrics per split, test reliability bins and a confidence histogram split into right and wrong predictions."""
-    probs = softmax(logits["test"])
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels["test"]
+    """Per split: metrics, class counts; per evaluation set (every split but validation): reliability bins and a
+    confidence histogram split into right and wrong predictions."""
+    evaluation_sets = [name for name in logits if name != "validation"]
+    num_classes = next(iter(logits.values())).shape[1]
     edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
-    return {
-        "metrics": {
-            split: classification_metrics(logits[split], labels[split], n_bins=n_bins)
-            for split in ("validation", "test")
-        },
-        "reliability": reliability_bins(probs, labels["test"], n_bins=n_bins),
-        "confidence_histogram": {
+    reliability, histograms = {}, {}
+    for name in evaluation_sets:
+        probs = softmax(logits[name])
+        confidence = probs.max(axis=1)
+        correct = probs.argmax(axis=1) == labels[name]
+        reliability[name] = reliability_bins(probs, labels[name], n_bins=n_bins)
+        histograms[name] = {
             "edges": edges,
             "correct": np.histogram(confidence[correct], bins=edges)[0],
             "incorrect": np.histogram(confidence[~correct], bins=edges)[0],
-        },
+        }
+    return {
+        "evaluation_sets": evaluation_sets,
+        "metrics": {name: classification_metrics(logits[name], labels[name], n_bins=n_bins) for name in logits},
+        "class_counts": {name: np.bincount(labels[name], minlength=num_classes) for name in logits},
+        "reliability": reliability,
+        "confidence_histogram": histograms,
     }
 
 
 def load_predictions(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Logits and labels of every split in ``predictions.npz`` (validation, test, extra test sets), in its order."""
     with np.load(run_dir / "predictions.npz") as data:
-        logits = {split: data[f"{split}_logits"] for split in ("validation", "test")}
-        labels = {split: data[f"{split}_labels"].astype(np.int64) for split in ("validation", "test")}
-    return logits, labels
+        names = [name.removesuffix("_logits") for name in data.files if name.endswith("_logits")]
+        logits = {name: data[f"{name}_logits"] for name in names}
+        labels = {name: data[f"{name}_labels"].astype(np.int64) for name in names}
+    # "test" first: the in-domain set leads the tables.
+    names.sort(key=lambda name: (name != "validation", name != "test"))
+    return {name: logits[name] for name in names}, {name: labels[name] for name in names}
 
 
 def write_analysis(args: CompareArguments, setting: Setting, seed: int) -> None:
@@ -259,13 +305,15 @@ def write_analysis(args: CompareArguments, setting: Setting, seed: int) -> None:
     source_dir = run_dir
     temperature = None
     if setting.temperature_scaling:
-        source_dir = Path(args.output_dir) / Setting(0.0, None, setting.class_weights).slug / f"seed{seed}"
+        source_dir = Path(args.output_dir) / setting.cross_entropy.slug / f"seed{seed}"
     record = read_json_record(source_dir / "record.json")
     logits, labels = load_predictions(source_dir)
     if setting.temperature_scaling:
+        # Fitted on the in-domain validation split only, as a user would: the other sets are not seen before testing.
         temperature = fit_temperature(logits["validation"], labels["validation"])
         logits = {split: apply_temperature(values, temperature) for split, values in logits.items()}
     analysis = {
+        "analysis_version": ANALYSIS_VERSION,
         "setting": {**asdict(setting), "slug": setting.slug, "label": setting.label},
         "seed": seed,
         "temperature": temperature,
@@ -276,6 +324,8 @@ def write_analysis(args: CompareArguments, setting: Setting, seed: int) -> None:
         "device": record.get("device"),
         "num_processes": record.get("num_processes"),
         "git_revision": record.get("git_revision"),
+        "id2label": record.get("id2label"),
+        "label_noise": record.get("label_noise"),
         **analyze(logits, labels, args.n_bins),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -296,7 +346,8 @@ def run_grid(args: CompareArguments, settings: list[Setting]) -> list[str]:
         run_dir = Path(args.output_dir) / setting.slug / f"seed{seed}"
         prefix = f"[{index}/{len(jobs)}] {setting.slug} seed {seed}"
         record_path = run_dir / "record.json"
-        analysis_missing = read_json_record(run_dir / "analysis.json") is None
+        analysis = read_json_record(run_dir / "analysis.json")
+        analysis_missing = analysis is None or analysis.get("analysis_version") != ANALYSIS_VERSION
         if read_json_record(record_path) is not None:
             print(f"{prefix}: record exists, skipped ({record_path})", flush=True)
         else:
@@ -327,7 +378,7 @@ def run_grid(args: CompareArguments, settings: list[Setting]) -> list[str]:
         if not setting.temperature_scaling:
             continue
         for seed in args.seeds:
-            source = Path(args.output_dir) / Setting(0.0, None, setting.class_weights).slug / f"seed{seed}"
+            source = Path(args.output_dir) / setting.cross_entropy.slug / f"seed{seed}"
             if read_json_record(source / "record.json") is not None:
                 write_analysis(args, setting, seed)  # cheap (no training), so always refreshed
     return failures

@@ -257,3 +257,114 @@ def test_bad_extra_file_is_named_like_the_other_files(files, tmp_path):
         with pytest.raises(UsageError) as raised:
             glue.main([*base, "--extra_test_files", f"mine={path}"])
         assert str(raised.value).startswith(expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The comparison: label noise as a grid dimension, one table per evaluation set, every plot
+# ---------------------------------------------------------------------------------------------------------------------
+
+import compare_report  # noqa: E402
+import compare_smoothing  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_noise_grid_slugs_labels_and_one_baseline_per_noise_level(tmp_path):
+    args = compare_smoothing.parse_args(["--label_smoothing", "0", "0.1", "--smoothing_style", "uniform",
+                                         "--class_weights", "none", "--label_noise", "0", "0.2"])  # fmt: skip
+    settings = compare_smoothing.expand_grid(args)
+    assert [s.slug for s in settings] == [
+        "eps0-cw_none", "eps0.1-uniform-cw_none", "eps0-cw_none-noise0.2", "eps0.1-uniform-cw_none-noise0.2",
+        "eps0-cw_none-ts", "eps0-cw_none-noise0.2-ts",
+    ]  # fmt: skip
+    assert [s.label for s in settings][-3:] == [
+        "ε=0.1 uniform, noise 0.2", "ε=0 + temperature scaling", "ε=0 + temperature scaling, noise 0.2",
+    ]  # fmt: skip
+    assert settings[-1].cross_entropy == settings[2]  # the noisy baseline reuses the noisy ε = 0 run
+    command = compare_smoothing.glue_command(args, settings[3], 7, tmp_path)
+    assert command[command.index("--label_noise") + 1] == "0.2"
+    command = compare_smoothing.glue_command(args, settings[0], 7, tmp_path)
+    assert command[command.index("--label_noise") + 1] == "0"  # also overrides a base config's noise
+    with pytest.raises(UsageError, match=r"--label_noise: must be fractions in \[0, 1\], got 1.5"):
+        compare_smoothing.parse_args(["--label_noise", "0", "1.5"])
+
+
+def test_report_refuses_an_analysis_of_an_older_version(tmp_path):
+    (tmp_path / "eps0-cw_none" / "seed1").mkdir(parents=True)
+    (tmp_path / "eps0-cw_none" / "seed1" / "analysis.json").write_text(json.dumps({"setting": {}, "metrics": {}}))
+    with pytest.raises(UsageError, match="written by an older compare_smoothing.py: run the comparison again"):
+        compare_report.write_report(tmp_path)
+
+
+def test_comparison_with_an_extra_set_and_a_noise_dimension_builds_every_table_and_plot(tiny_bert, files, tmp_path):
+    import yaml
+
+    from hf_lsce.evaluation.calibration import apply_temperature, fit_temperature
+    from hf_lsce.evaluation.metrics import classification_metrics
+
+    base = {
+        "model_name_or_path": tiny_bert, "train_file": str(files["train"]),
+        "validation_file": str(files["validation"]), "test_file": str(files["test"]),
+        "extra_test_files": [f"shifted={files['shifted']}"], "max_seq_length": 16,
+        "num_train_epochs": 1, "per_device_train_batch_size": 8, "learning_rate": 1e-3, "eval_strategy": "no",
+        "save_strategy": "no", "report_to": "none", "use_cpu": True, "disable_tqdm": True, "label_noise_seed": 3,
+    }  # fmt: skip
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    output_dir = tmp_path / "out"
+    status = compare_smoothing.main([
+        "--base_config", str(tmp_path / "base.yaml"), "--output_dir", str(output_dir), "--seeds", "1",
+        "--label_smoothing", "0", "0.1", "--smoothing_style", "uniform", "--class_weights", "none",
+        "--label_noise", "0", "0.25", "--title", "tiny shift",
+    ])  # fmt: skip
+    assert status == 0
+
+    table = (output_dir / "results.md").read_text()
+    headings = [line for line in table.splitlines() if line.startswith("#")]
+    # The class names of the record's id2label (glue.py writes it), class ids for a record without one.
+    id2label = json.loads((output_dir / "eps0-cw_none" / "seed1" / "record.json").read_text()).get("id2label")
+    negative, positive = (id2label["0"], id2label["1"]) if id2label else ("class 0", "class 1")
+    assert headings == [
+        "### tiny shift",
+        f"#### test (in-domain): 10 examples, 50 % {negative} / 50 % {positive}",
+        f"#### shifted: 14 examples, 50 % {negative} / 50 % {positive}",
+    ]
+    labels = ["ε=0 (cross-entropy)", "ε=0 + temperature scaling", "ε=0.1 uniform"]
+    labels += [f"{label}, noise 0.25" for label in labels]
+    for section in table.split("#### ")[1:]:
+        rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ")]
+        assert rows[0][:2] == ["| setting", "seeds"] and "AURC ↓" in rows[0] and "err@80% ↓" in rows[0]
+        assert [row[0].removeprefix("| ") for row in rows[1:]] == labels
+    assert "T: the temperature fitted on the in-domain validation split" in table
+
+    import csv
+
+    with open(output_dir / "results.csv") as file:
+        csv_rows = list(csv.DictReader(file))
+    assert [row["evaluation_set"] for row in csv_rows] == ["test"] * 6 + ["shifted"] * 6
+    for name in ("reliability.png", "reliability_shifted.png", "accuracy_ece_vs_eps.png", "ece_aurc_vs_eps.png",
+                 "confidence_hist.png"):  # fmt: skip
+        content = (output_dir / name).read_bytes()
+        assert content[:8] == PNG_SIGNATURE and len(content) > 5_000, name
+
+    # The noisy runs trained on 10 flipped labels of 40; the baseline of each noise level is its own ε = 0 run's
+    # logits divided by one T fitted on that run's validation split, on every set.
+    for slug, flipped in (("eps0-cw_none", 0), ("eps0-cw_none-noise0.25", 10)):
+        record = json.loads((output_dir / slug / "seed1" / "record.json").read_text())
+        assert record["label_noise"]["flipped"] == flipped and record["label_noise"]["seed"] == 3
+        scaled = json.loads((output_dir / f"{slug}-ts" / "seed1" / "analysis.json").read_text())
+        assert scaled["source_record"] == str(output_dir / slug / "seed1" / "record.json")
+        with np.load(output_dir / slug / "seed1" / "predictions.npz") as data:
+            temperature = fit_temperature(data["validation_logits"], data["validation_labels"])
+            assert scaled["temperature"] == pytest.approx(temperature, rel=1e-6)
+            for name in ("test", "shifted"):
+                expected = classification_metrics(apply_temperature(data[f"{name}_logits"], temperature),
+                                                  data[f"{name}_labels"])  # fmt: skip
+                for metric in ("nll", "ece", "aurc", "accuracy"):
+                    assert scaled["metrics"][name][metric] == pytest.approx(expected[metric], rel=1e-6), (name, metric)
+    # The table's cells are the records' numbers: the noisy baseline's ECE on the shifted set.
+    shifted_rows = {row["setting"]: row for row in csv_rows if row["evaluation_set"] == "shifted"}
+    assert float(shifted_rows["ε=0 + temperature scaling, noise 0.25"]["ece_mean"]) == pytest.approx(
+        scaled["metrics"]["shifted"]["ece"]
+    )
+    cell = f"{scaled['metrics']['shifted']['ece']:.3f}"
+    assert cell in table.split("#### shifted")[1].split("ε=0 + temperature scaling, noise 0.25")[1].splitlines()[0]

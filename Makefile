@@ -67,8 +67,8 @@ study-imbalanced3: demo-data
 		--output docs/results/imbalanced3/per_class.md
 
 # Domain shift and label noise (issue 13; see docs/studies.md): trained on 2,000 Rotten Tomatoes snippets, evaluated on
-# its test split and the three VADER sets, ε in {0, 0.1, 0.2} x label noise {0, 0.2} x 3 seeds. About 31 minutes on
-# 2 idle CPU cores.
+# its test split and the three VADER sets, ε in {0, 0.1, 0.2} x label noise {0, 0.2} x 3 seeds. About 35 minutes on
+# 2 CPU cores.
 study-shift: demo-data
 	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_shift.yaml
 

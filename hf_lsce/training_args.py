@@ -18,6 +18,15 @@ from hf_lsce.checks import DEFAULT_LABEL_SMOOTHING, SMOOTHING_STYLES, WEIGHT_MOD
 from hf_lsce.class_weights import check_class_weights
 
 SMOOTHING_OPTIONS = ("label_smoothing", "smoothing_style", "weight_mode", "class_weights")
+# Metrics this library reports (``eval_nll`` from the trainer, the rest from `hf_lsce.evaluation`) for which lower is
+# better. Transformers minimizes only names ending in "loss" when ``greater_is_better`` is unset.
+MINIMIZED_METRICS = ("nll", "ece", "brier", "aurc", "error_at_80_coverage")
+
+
+def is_minimized_metric(name: str | None) -> bool:
+    """Whether ``metric_for_best_model`` names one of `MINIMIZED_METRICS`: ``"nll"``, ``"eval_nll"``, or with an
+    evaluation set's name (``"eval_valid_nll"``, as `Trainer` names the metrics of a dict of evaluation sets)."""
+    return name is not None and any(name == metric or name.endswith(f"_{metric}") for metric in MINIMIZED_METRICS)
 
 
 @dataclass
@@ -42,6 +51,13 @@ class SmoothingArguments:
         class_weights (`list[float]` or `str`, *optional*): one non-negative weight per class; ``"balanced"`` to
             compute ``w_c = n / (K * n_c)`` from the training set (see `hf_lsce.compute_class_weights`); None for
             no weights.
+
+    Model selection: ``metric_for_best_model`` naming a metric where lower is better (``nll``, ``ece``, ``brier``,
+    ``aurc`` or ``error_at_80_coverage``, with or without the ``eval_`` prefix) resolves an unset
+    ``greater_is_better`` to False, where `TrainingArguments` would resolve it to True (it minimizes only names
+    ending in "loss"). ``greater_is_better=True`` with such a metric is a ValueError; as a converted plain
+    `TrainingArguments` has already resolved an unset value to True, that case is an error too (pass
+    ``greater_is_better=False``).
     """
 
     label_smoothing: float | None = field(
@@ -80,7 +96,17 @@ class SmoothingArguments:
     )
 
     def __post_init__(self):
+        if self.greater_is_better is None and is_minimized_metric(self.metric_for_best_model):
+            # Decided before the base class, which would resolve it to True (not a name ending in "loss").
+            self.greater_is_better = False
         super().__post_init__()
+        if self.greater_is_better and is_minimized_metric(self.metric_for_best_model):
+            raise ValueError(
+                f"metric_for_best_model={self.metric_for_best_model!r} is lower-is-better, but greater_is_better=True "
+                "would keep the checkpoint where it is highest; set greater_is_better=False or leave it unset (a "
+                "plain TrainingArguments resolves an unset greater_is_better to True for every metric not ending in "
+                "'loss', so pass greater_is_better=False there)"
+            )
         factor = self.label_smoothing_factor
         check_number("label_smoothing_factor", factor, low=0, high=1)
         if self.label_smoothing is not None:

@@ -75,9 +75,9 @@ study-shift: demo-data
 # Loss and trainer benchmarks, then the performance table (pasted into docs/performance.md) and plot (tens of minutes
 # on 2 cores).
 bench: demo-data
-	$(PY) benchmarks/bench_loss.py
-	$(OFFLINE) $(PY) benchmarks/bench_trainer.py
-	$(PY) benchmarks/report.py --readme docs/performance.md
+	$(PY) -m benchmarks.bench_loss
+	$(OFFLINE) $(PY) -m benchmarks.bench_trainer
+	$(PY) -m benchmarks.report --readme docs/performance.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

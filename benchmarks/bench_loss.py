@@ -1,9 +1,9 @@
 """Forward + backward time and peak extra memory of hf_lsce's loss against PyTorch and Transformers.
 
-    python benchmarks/bench_loss.py                 # the full grid, 5 rounds (tens of minutes on 2 cores)
-    python benchmarks/bench_loss.py --quick         # K <= 32768, 3 rounds: a smoke run
-    python benchmarks/bench_loss.py --full          # + eps = 0 and the slowest variants at K = 131072 (hours)
-    python benchmarks/report.py                     # table (docs/performance.md) and plot from benchmarks/results/
+    python -m benchmarks.bench_loss                 # the full grid, 5 rounds (tens of minutes on 2 cores)
+    python -m benchmarks.bench_loss --quick         # K <= 32768, 3 rounds: a smoke run
+    python -m benchmarks.bench_loss --full          # + eps = 0 and the slowest variants at K = 131072 (hours)
+    python -m benchmarks.report                     # table (docs/performance.md) and plot from benchmarks/results/
 
 Method (see issue 5):
 1. Every variant is checked against an fp64 truth (hf_lsce's reference path on fp64 logits) before it is timed.
@@ -30,10 +30,7 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -41,9 +38,21 @@ import torch
 import torch.nn.functional as F
 
 import hf_lsce.fused
+from benchmarks.harness import (
+    RESULTS,
+    available_memory,
+    machine,
+    ratios,
+    rotations,
+    rss_peak,
+    rss_reset_peak,
+    run_probe,
+    spread,
+    sync,
+    write_record,
+)
 from hf_lsce import label_smoothed_cross_entropy
 
-RESULTS = Path(__file__).parent / "results"
 IGNORED_FRACTION = 0.1
 CALL_ELEMENTS = 1 << 24  # logits per timing, at least, for the small cases (see `calls_per_timing`)
 # Small cases (several calls per timing) run this many times the rounds: a 0.25 ms call's ratio moves by +-0.1 from
@@ -160,7 +169,7 @@ def applicable(variant, case, device, full=False):
     if variant == "seed_dense":
         # Dense one-hot, its log-softmax, the weighted copy, the product and their gradients: ~6x the logits in fp32.
         need = 6 * case["n"] * case["k"] * 4
-        if need > 0.6 * _available_memory():
+        if need > 0.6 * available_memory():
             return f"needs ~{need / 2**30:.0f} GiB"
     return None
 
@@ -219,10 +228,10 @@ def run_once(fn, x, y, w, eps, inplace_source=None, calls=1, before=None):
         if before is not None:
             before()
         x.grad = None
-        _sync(x.device)
+        sync(x.device)
         start = time.perf_counter()
         fn(x, y, w, eps).backward()
-        _sync(x.device)
+        sync(x.device)
         elapsed += time.perf_counter() - start
     x.grad = None
     return elapsed / calls
@@ -256,8 +265,8 @@ def time_case(case, variants, rounds, device, release_memory=False):
     times = {v: [] for v in variants}
     order = list(variants)
     calls = calls_per_timing(case)
-    for round_ in range(rounds + 1):  # round 0 is the warm-up
-        for v in order[round_ % len(order) :] + order[: round_ % len(order)]:
+    for round_, rotated in rotations(order, rounds + 1):  # round 0 is the warm-up
+        for v in rotated:
             inplace = v == "hf_lsce_inplace"
             x, source = (work, x0) if inplace else (leaf, None)
             before = hf_lsce.fused.empty_cache if release_memory and v.startswith("hf_lsce") else None
@@ -274,14 +283,14 @@ def measure_floor(device, numel):
     dst.copy_(src)
     copy, exp = [], []
     for _ in range(6):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         copy.append(time.perf_counter() - start)
         start = time.perf_counter()
         torch.exp(src, out=dst)
-        _sync(device)
+        sync(device)
         exp.append(time.perf_counter() - start)
     return {
         "copy_bytes_per_s": numel * 4 / statistics.median(copy[1:]),
@@ -308,85 +317,17 @@ def memory_probe(spec: str) -> None:
         variant_fn(variant, case)(x, y, w, case["eps"]).backward()
         extra = torch.cuda.max_memory_allocated() - base
     else:
-        base = _rss_reset_peak()
+        base = rss_reset_peak()
         variant_fn(variant, case)(x, y, w, case["eps"]).backward()
-        extra = _rss_peak() - base
+        extra = rss_peak() - base
     print(json.dumps({"extra_bytes": extra, "logits_bytes": x.numel() * x.element_size()}))
 
 
 def measure_memory(case, variant, device):
-    spec = json.dumps([case, variant, str(device)])
-    done = subprocess.run(
-        [sys.executable, __file__, "--memory-probe", spec], capture_output=True, text=True, check=False
-    )
-    if done.returncode:
-        return {"memory_error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_probe(__spec__.name, "--memory-probe", json.dumps([case, variant, str(device)]))
+    if "error" in result:
+        return {"memory_error": result["error"]}
     return {"extra_memory_x_logits": result["extra_bytes"] / result["logits_bytes"]}
-
-
-def _rss_reset_peak() -> int:
-    """Current RSS in bytes, after resetting the high-water mark (Linux: /proc/self/clear_refs, 5)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _proc_status("VmRSS")
-
-
-def _rss_peak() -> int:
-    return _proc_status("VmHWM")
-
-
-def _proc_status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _available_memory() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def machine(device):
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "hf_lsce": hf_lsce.__version__,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "device": str(device),
-        "load_average_start": os.getloadavg(),
-    }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    else:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        info["cpu"] = names[0] if names else platform.processor()
-    try:
-        info["git_revision"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except OSError:
-        pass
-    return info
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -452,17 +393,14 @@ def main():
                 continue
             t = times[v]
             row.update(
-                seconds_median=statistics.median(t),
-                seconds_min=min(t),
-                seconds_max=max(t),
+                spread(t),
                 floor_seconds=floor_s,
                 x_floor=statistics.median(t) / floor_s,
                 loss_rel_error=errors[v][0],
                 grad_rel_error=errors[v][1],
             )
             if baseline:
-                ratios = [a / b for a, b in zip(t, baseline)]
-                row.update(ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+                row.update(ratios(t, baseline))
             # Smaller logits (16 MiB at K = 1024) drown in the process's own noise (lazy initialisation, arenas);
             # eps does not change what is allocated, so eps = 0 cases are not probed (unless --full).
             if not args.no_memory and case["k"] >= 32768 and (case["eps"] > 0 or args.full):
@@ -479,21 +417,6 @@ def main():
             complete=case is all_cases[-1],
         )
         write_record(args.output, "bench_loss", dict(info), started, rows, **fields)
-
-
-def write_record(path: Path, benchmark: str, info: dict, started: float, rows: list[dict], **fields) -> None:
-    """Writes a benchmark's JSON record: the command, the machine (with the load average now), timing and rows."""
-    info["load_average_end"] = os.getloadavg()
-    record = {
-        "benchmark": benchmark,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": info,
-        **fields,
-        "wall_seconds": time.time() - started,
-        "rows": rows,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

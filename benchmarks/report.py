@@ -1,12 +1,12 @@
 """Markdown tables and a plot from the benchmark records in benchmarks/results/ (nothing here is typed by hand).
 
-    python benchmarks/report.py                               # results/README_table.md, results/bench_loss.png
-    python benchmarks/report.py --readme docs/performance.md  # ... and pastes the table into that page
+    python -m benchmarks.report                               # results/README_table.md, results/bench_loss.png
+    python -m benchmarks.report --readme docs/performance.md  # ... and pastes the table into that page
 
 Reads ``bench_loss.json`` (required), ``bench_trainer.json`` and ``bench_loss_release_memory.json`` (``bench_loss.py
 --release-memory``; each when present), as written by the benchmarks. With ``--readme PAGE`` (docs/performance.md
 holds the markers), the text between ``<!-- results:performance -->`` and ``<!-- /results:performance -->`` is
-replaced by the generated table (by examples/compare_smoothing.py's `paste_into_readme`); both markers must be there,
+replaced by the generated table (by examples/common.py's `paste_into_readme`); both markers must be there,
 once each, in that order.
 """
 
@@ -18,7 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.harness import RESULTS
+
 README_MARKER = "performance"
 
 # bench_loss variants shown, in column order, with their names in the table; a column none of whose rows ran is left
@@ -313,7 +314,7 @@ def main():
     )
     args = parser.parse_args()
     if not args.loss.is_file():
-        raise SystemExit(f"{args.loss} does not exist: run benchmarks/bench_loss.py first")
+        raise SystemExit(f"{args.loss} does not exist: run python -m benchmarks.bench_loss first")
     loss_record = json.loads(args.loss.read_text())
     trainer_record = json.loads(args.trainer.read_text()) if args.trainer.is_file() else None
     if trainer_record is None:
@@ -326,9 +327,8 @@ def main():
     plot_loss(loss_record, args.output_dir / "bench_loss.png")
     print(f"wrote {args.output_dir / 'README_table.md'} and {args.output_dir / 'bench_loss.png'}")
     if args.readme is not None:
-        # The examples' README paster (it imports Transformers, hence only here).
-        sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-        from compare_smoothing import paste_into_readme
+        # The examples' README paster (examples/common.py imports Transformers, hence only here).
+        from examples.common import paste_into_readme
 
         try:
             paste_into_readme(args.readme, README_MARKER, table)

@@ -433,6 +433,27 @@ def write_atomic(path: str | os.PathLike, content: str | bytes) -> Path:
     return Path(path)
 
 
+def paste_into_readme(readme: str | Path, marker: str | None, content: str) -> None:
+    """Replaces the text between ``<!-- results:marker -->`` and ``<!-- /results:marker -->`` with ``content``.
+
+    The file is written whole (`atomic_open`): interrupted at any instant, it holds the old text or the new. Used by
+    ``compare_report.py`` for the study tables and by ``benchmarks/report.py`` for the performance table.
+
+    Raises:
+        `UsageError`: if `marker` is empty, or `readme` lacks the two markers (once each, in that order).
+    """
+    if not marker:
+        raise UsageError("--readme_marker", "--readme needs it: the NAME in <!-- results:NAME -->")
+    readme = Path(readme)
+    start, end = f"<!-- results:{marker} -->", f"<!-- /results:{marker} -->"
+    text = readme.read_text()
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise UsageError(readme, f"must contain {start} once, followed by {end} once")
+    before, rest = text.split(start)
+    _, after = rest.split(end)
+    write_atomic(readme, f"{before}{start}\n{content.strip()}\n{end}{after}")
+
+
 def _permissions_for(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o7777

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from common import UsageError, atomic_open, read_json_record, write_atomic
+from common import UsageError, atomic_open, paste_into_readme, read_json_record, write_atomic
 
 METRICS = ("accuracy", "macro_f1", "nll", "ece", "brier", "aurc", "error_at_80_coverage")
 METRIC_NAMES = {
@@ -356,27 +356,6 @@ def plot_confidence_histograms(groups: dict[str, list[dict]], path: Path, evalua
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"Confidence of {evaluation_set} predictions (seeds pooled)")
     _save(fig, path)
-
-
-def paste_into_readme(readme: str | Path, marker: str | None, content: str) -> None:
-    """Replaces the text between ``<!-- results:marker -->`` and ``<!-- /results:marker -->`` with ``content``.
-
-    The file is written whole (`common.atomic_open`): interrupted at any instant, it holds the old text or the new.
-    Also used by ``benchmarks/report.py`` for the performance table.
-
-    Raises:
-        `UsageError`: if `marker` is empty, or `readme` lacks the two markers (once each, in that order).
-    """
-    if not marker:
-        raise UsageError("--readme_marker", "--readme needs it: the NAME in <!-- results:NAME -->")
-    readme = Path(readme)
-    start, end = f"<!-- results:{marker} -->", f"<!-- /results:{marker} -->"
-    text = readme.read_text()
-    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-        raise UsageError(readme, f"must contain {start} once, followed by {end} once")
-    before, rest = text.split(start)
-    _, after = rest.split(end)
-    write_atomic(readme, f"{before}{start}\n{content.strip()}\n{end}{after}")
 
 
 def write_report(

@@ -65,7 +65,7 @@ from common import (
     write_atomic,
 )
 
-# paste_into_readme: benchmarks/report.py imports it from here.
+# paste_into_readme (from common.py): still importable from here, as before.
 from compare_report import paste_into_readme, write_report  # noqa: F401
 
 from hf_lsce.evaluation.calibration import apply_temperature, fit_temperature

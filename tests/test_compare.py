@@ -144,7 +144,7 @@ def test_paste_into_readme_replaces_only_the_marked_block(tmp_path):
 def test_paste_into_readme_lives_in_the_report_module():
     import compare_report
 
-    # benchmarks/report.py imports it from compare_smoothing (through sys.path): that path keeps working.
+    # It lives in common.py (benchmarks/report.py imports it from there); the older import paths keep working.
     assert compare_smoothing.paste_into_readme is compare_report.paste_into_readme
 
 

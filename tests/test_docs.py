@@ -94,7 +94,7 @@ def test_demo_block_holds_the_exported_demo_table():
 
 
 def test_make_bench_pastes_into_the_page_that_holds_the_generated_performance_table():
-    (target,) = re.findall(r"benchmarks/report\.py --readme (\S+)", (REPO / "Makefile").read_text())
+    (target,) = re.findall(r"-m benchmarks\.report --readme (\S+)", (REPO / "Makefile").read_text())
     generated = (REPO / "benchmarks/results/README_table.md").read_text().strip()
     assert block(REPO / target, "performance") == generated
 

@@ -22,14 +22,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
-from transformers import HfArgumentParser, TrainerCallback
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
 EXTENDS_KEY = "extends"
 PYPI_MODELS = {
@@ -77,8 +79,14 @@ def run_cli(main) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_config_file(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def load_config_file(
+    path: str | os.PathLike, aliases: tuple[dict[str, Any], ...] = (), _seen: tuple[Path, ...] = ()
+) -> dict[str, Any]:
     """Reads a YAML config, merged over the files it `extends` (a path or a list of paths, relative to the file).
+
+    A file's keys replace those of the files it extends, and those of later parents those of earlier ones; a key
+    also replaces the other names of its option in `aliases` (see `with_aliases_replaced`; `parse_args` passes
+    `ALIASES`).
 
     Raises:
         `UsageError`: naming the file, if it is missing, unreadable, not valid YAML or not a mapping, or if files
@@ -102,9 +110,9 @@ def load_config_file(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> d
     parents = content.pop(EXTENDS_KEY, None) or []
     merged = {}
     for parent in [parents] if isinstance(parents, str) else parents:
-        merged.update(load_config_file(path.parent / parent, (*_seen, path)))
-    merged.update(content)
-    return merged
+        parent_values = load_config_file(path.parent / parent, aliases, (*_seen, path))
+        merged = {**with_aliases_replaced(merged, parent_values, aliases), **parent_values}
+    return {**with_aliases_replaced(merged, content, aliases), **content}
 
 
 def _describe_yaml_error(error: yaml.YAMLError) -> str:
@@ -115,12 +123,24 @@ def _describe_yaml_error(error: yaml.YAMLError) -> str:
     return " ".join(f"{problem}{place}".split())
 
 
-def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None) -> tuple[Any, ...]:
+def parse_args(
+    dataclass_types: tuple[type, ...], args: list[str] | None = None, description: str | None = None
+) -> tuple[Any, ...]:
     """Parses `dataclass_types` from `--config file.yaml` and the command line (flags win over the file).
 
+    Two rules hold at every level (a file over the files it extends, the command line over the file):
+        * `none` or `null` (any case) sets an option whose default is unset (`class_weights`, `dataset`, ...) back to
+          unset, e.g. `--class_weights none` over a file's `class_weights: balanced`;
+        * the names of one option (`ALIASES`: `label_smoothing_factor` is Transformers' `label_smoothing`) replace
+          each other: the name a level gives decides over what lower levels gave under the others, so that
+          `--label_smoothing_factor 0.2` over a file's `label_smoothing: 0.1` smooths with 0.2 (and
+          `--label_smoothing_factor 0` with 0). Both above 0 at one level is the library's error.
+
     Args:
-        dataclass_types (`tuple[type, ...]`): the argument dataclasses, as for `HfArgumentParser`.
+        dataclass_types (`tuple[type, ...]`): the argument dataclasses, as for `HfArgumentParser`; `--help` lists
+            their flags in this order, Transformers' `TrainingArguments` last.
         args (`list[str]`, *optional*): the command line without the program name; defaults to `sys.argv[1:]`.
+        description (`str`, *optional*): what `--help` prints first (the script's docstring), as written.
 
     Returns:
         One instance per dataclass type, in order, followed by the path of the config file (or None). When one of
@@ -132,12 +152,14 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None)
             unusable `output_dir`.
     """
     args = sys.argv[1:] if args is None else list(args)
-    parser = argument_parser(dataclass_types)
+    parser = argument_parser(dataclass_types, description)
     parser.add_argument(
         "--config",
         default=None,
+        metavar="FILE.yaml",
         help=f"YAML file of options (the names of the flags); flags override it; '{EXTENDS_KEY}: file.yaml' merges "
-        "a parent file first.",
+        "a parent file first. In a file or a flag, 'none' or 'null' unsets an option whose default is unset "
+        "(e.g. --class_weights none).",
     )
     known = {f.name for dtype in dataclass_types for f in dataclasses.fields(dtype) if f.init}
     if "use_cpu" in known and several_processes_without_gpu():
@@ -145,18 +167,23 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None)
         # accelerate gives each process DistributedType.NO, and every process trains alone on all the data. With it,
         # the processes form one DDP group over gloo (DistributedType.MULTI_CPU). The file and flags can still say no.
         parser.set_defaults(use_cpu=True)
+    aliases = tuple(group for group in ALIASES if set(group) <= known)
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument("--config", default=None)
     config_path = config_parser.parse_known_args(args)[0].config
+    values = {}
     if config_path is not None:
-        values = load_config_file(config_path)
+        values = load_config_file(config_path, aliases)
         for key in values:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise UsageError(config_path, f"unknown key '{key}'{hint}; keys are the command-line option names")
-        # File values become parser defaults, so any flag given on the command line replaces them.
-        parser.set_defaults(**values)
+        for name in parser.unsettable & set(values):
+            if is_unset_word(values[name]):
+                values[name] = None
+    # File values become parser defaults, so any flag given on the command line replaces them.
+    parser.set_defaults(**with_aliases_replaced(values, parser.given_options(args), aliases))
     try:
         *parsed, _extra_namespace = parser.parse_args_into_dataclasses(args=args, look_for_args_file=False)
     except UsageError:
@@ -170,21 +197,123 @@ def parse_args(dataclass_types: tuple[type, ...], args: list[str] | None = None)
     return (*parsed, config_path)
 
 
-def argument_parser(dataclass_types: tuple[type, ...]) -> HfArgumentParser:
-    """An `HfArgumentParser` whose errors (unknown flag, bad value) raise a `UsageError` naming the flag.
+UNSET_WORDS = ("none", "null")
+# Names of one option, each with the value that means "not given under this name". `label_smoothing_factor` is
+# Transformers' name of what our loss calls `label_smoothing`; the library takes either and refuses both above 0.
+ALIASES = ({"label_smoothing": 0.0, "label_smoothing_factor": 0.0},)
 
-    argparse itself would print the whole usage, hundreds of lines with `TrainingArguments`, before its message.
+
+def is_unset_word(value: Any) -> bool:
+    """`none` or `null` in any case, alone or as the only item of a list (a flag taking several values)."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return isinstance(value, str) and value.strip().lower() in UNSET_WORDS
+
+
+def with_aliases_replaced(
+    values: dict[str, Any], given: Iterable[str], aliases: tuple[dict[str, Any], ...] = ALIASES
+) -> dict[str, Any]:
+    """`values` (a lower level of the configuration) once a higher level has given the options named in `given`.
+
+    Each other name of an option that `given` names takes its "not given" value (`aliases`), so that the higher
+    level's name decides, 0 included: over `label_smoothing: 0.1`, `--label_smoothing_factor 0` smooths with 0.
+
+    >>> with_aliases_replaced({"label_smoothing": 0.1, "seed": 1}, {"label_smoothing_factor"})
+    {'label_smoothing': 0.0, 'seed': 1}
     """
-    parser = HfArgumentParser(dataclass_types)
-    parser.error = _raise_parser_error
-    return parser
+    given = set(given)
+    replaced = {name: value for group in aliases if given & set(group) for name, value in group.items()}
+    return {**values, **{name: value for name, value in replaced.items() if name not in given}}
 
 
-def _raise_parser_error(message: str):
-    flag, separator, problem = message.partition(": ") if message.startswith("argument ") else ("", "", "")
-    if separator:
-        raise UsageError(flag.removeprefix("argument ").split("/")[0], problem)
-    raise UsageError("command line", message)
+class ExampleArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` for the example scripts: grouped `--help`, one-line errors, `none` unsets an option.
+
+    * `--help`: a one-line usage, the `description` as written, then one group of flags per dataclass (titled by its
+      `_argument_group_name`), the fields a `TrainingArguments` subclass adds (hf_lsce's smoothing options) in their
+      own group, and Transformers' `TrainingArguments` flags last.
+    * An error (unknown flag, bad value) raises a `UsageError` naming the flag: argparse itself would print the whole
+      usage, hundreds of lines with `TrainingArguments`, before its message.
+    * The value `none` or `null` of an option whose default is None and that is not one of Transformers' (those keep
+      their own meaning of "none", e.g. `--report_to none`) parses as None: `unsettable` holds their names.
+    """
+
+    def __init__(self, dataclass_types, description: str | None = None):
+        self.unsettable: set[str] = set()
+        self._training_group = None
+        super().__init__(
+            dataclass_types,
+            description=description,
+            usage="%(prog)s [--config FILE.yaml] [options]",
+            formatter_class=_HelpFormatter,
+        )
+        if self._training_group is not None:
+            self._action_groups.remove(self._training_group)
+            self._action_groups.append(self._training_group)
+
+    def error(self, message: str):
+        flag, separator, problem = message.partition(": ") if message.startswith("argument ") else ("", "", "")
+        if separator:
+            raise UsageError(flag.removeprefix("argument ").split("/")[0], problem)
+        raise UsageError("command line", message)
+
+    def _add_dataclass_arguments(self, dtype):
+        hints = typing.get_type_hints(dtype)
+        base = set()
+        if issubclass(dtype, TrainingArguments):
+            base = {f.name for f in dataclasses.fields(TrainingArguments)}
+            if self._training_group is None:
+                self._training_group = self.add_argument_group(
+                    "Transformers' TrainingArguments", "See the Transformers documentation of TrainingArguments."
+                )
+        default_title = f"smoothing options ({dtype.__name__})" if base else dtype.__name__
+        title = getattr(dtype, "_argument_group_name", default_title)
+        own_group = self.add_argument_group(title)
+        for field_ in dataclasses.fields(dtype):
+            if not field_.init:
+                continue
+            field_.type = hints[field_.name]
+            group = self._training_group if field_.name in base else own_group
+            self._parse_dataclass_field(group, field_)
+            action = self._option_string_actions[f"--{field_.name}"]
+            if field_.name not in base and field_.default is None and action.choices is None:
+                self.unsettable.add(field_.name)
+                if action.nargs is None:
+                    action.type = _or_unset(action.type)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, remaining = super().parse_known_args(args, namespace)
+        for name in self.unsettable:
+            # Options taking several values get `none` as a one-item list (single values were parsed by _or_unset).
+            if is_unset_word(getattr(namespace, name, None)):
+                setattr(namespace, name, None)
+        return namespace, remaining
+
+    def given_options(self, args: list[str]) -> set[str]:
+        """The names of the options that `args` gives, however spelled (`--a_b`, `--a-b`, `--a_b=1`, `--no_a_b`)."""
+        not_given = object()
+        namespace = argparse.Namespace(**{action.dest: not_given for action in self._actions})
+        # Attributes present in the namespace are not replaced by defaults: what changed was on the command line.
+        namespace, _ = super().parse_known_args(args, namespace)
+        return {name for name, value in vars(namespace).items() if value is not not_given}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written (the script's docstring), each flag's default after its help."""
+
+
+def _or_unset(convert):
+    def convert_or_unset(text: str):
+        return None if is_unset_word(text) else convert(text)
+
+    # argparse names the type in its messages ("invalid float value"): keep the original's name.
+    convert_or_unset.__name__ = getattr(convert, "__name__", "value")
+    return convert_or_unset
+
+
+def argument_parser(dataclass_types: tuple[type, ...], description: str | None = None) -> ExampleArgumentParser:
+    """An `ExampleArgumentParser` of `dataclass_types` (see there: `--help`, errors, `none`)."""
+    return ExampleArgumentParser(dataclass_types, description)
 
 
 def _flag_named_in(message: str, names: set[str]) -> str:
@@ -592,7 +721,8 @@ def train_and_record(
         config (`dict`): every option, resolved (see `resolved_config`), for the record.
         start_time (`float`): the script's `time.perf_counter()` at its start, for the record's wall time.
         official_metrics (`list[str]`): the task's metrics: recorded, and printed first for each split.
-        extra (`dict`, *optional*): more keys for the record (after `official_metrics`, before `train`).
+        extra (`dict`, *optional*): more keys for the record (after `official_metrics`, `id2label` and
+            `class_weights`, before `train`).
         keep (`Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]`, *optional*): applied to each
             split's (logits, labels) before they are saved, e.g. to keep the labeled tokens only.
 
@@ -623,7 +753,13 @@ def train_and_record(
             predictions=predictions,
             training_args=trainer.args,
             start_time=start_time,
-            extra={"official_metrics": official_metrics, **(extra or {}), "train": train_result.metrics},
+            extra={
+                "official_metrics": official_metrics,
+                "id2label": id2label(trainer.model),
+                "class_weights": class_weights_used(trainer),
+                **(extra or {}),
+                "train": train_result.metrics,
+            },
         )
         for name, metrics in final.items():
             shown = ", ".join(
@@ -632,6 +768,24 @@ def train_and_record(
             print(f"{name}: {shown}")
         print(f"Wrote {path}")
     return final
+
+
+def id2label(model) -> dict[str, str] | None:
+    """The model's class names by id, with the ids as strings (JSON's keys): `{"0": "ham", "1": "spam"}`."""
+    config = getattr(model, "config", None)
+    names = getattr(config, "id2label", None)
+    return {str(index): str(names[index]) for index in sorted(names)} if names else None
+
+
+def class_weights_used(trainer) -> dict[str, Any] | None:
+    """The trainer's class weights as the loss uses them (`"balanced"` computed): `{"method", "weights"}`, or None.
+
+    `method` is `"balanced"` (computed from the training labels) or `"given"`; `weights` has one float per class id.
+    """
+    weights = getattr(trainer, "class_weights", None)
+    if weights is None:
+        return None
+    return {"method": trainer.class_weights_method, "weights": [float(value) for value in weights.tolist()]}
 
 
 def write_run_record(

@@ -125,11 +125,28 @@ def _describe_data(records: list[dict]) -> str:
     return ", ".join(f"`{key}={value}`" for key, value in shown.items())
 
 
+def class_names(analysis: dict, num_classes: int) -> list[str]:
+    """The class names of a run's analysis record, by class id.
+
+    From its `id2label` (glue.py's record.json has it); for older records, the label names of a corpus of
+    `pypi_corpora.py` named by its `glue_config`'s `dataset`; else ``class <id>``.
+    """
+    id2label = analysis.get("id2label") or {}
+    if all(str(index) in id2label for index in range(num_classes)):
+        return [str(id2label[str(index)]) for index in range(num_classes)]
+    dataset = (analysis.get("glue_config") or {}).get("dataset")
+    if dataset is not None:
+        from pypi_corpora import CORPORA  # loads `datasets`, so only when needed
+
+        if dataset in CORPORA and len(CORPORA[dataset][2]) == num_classes:
+            return [str(name) for name in CORPORA[dataset][2]]
+    return [f"class {index}" for index in range(num_classes)]
+
+
 def _describe_set(records: list[dict], evaluation_set: str) -> str:
-    """``test (in-domain): 1,273 examples, 38 % rotten / 62 % fresh`` (class ids for records without `id2label`)."""
+    """``test (in-domain): 1,273 examples, 38 % rotten / 62 % fresh`` (see `class_names`)."""
     counts = np.asarray(records[0]["class_counts"][evaluation_set], dtype=np.int64)
-    id2label = records[0].get("id2label") or {}
-    names = [str(id2label.get(str(index), f"class {index}")) for index in range(len(counts))]
+    names = class_names(records[0], len(counts))
     shares = " / ".join(f"{100 * count / counts.sum():.0f} % {name}" for name, count in zip(names, counts))
     where = " (in-domain)" if evaluation_set == IN_DOMAIN else ""
     return f"{evaluation_set}{where}: {counts.sum():,} examples, {shares}"

@@ -213,17 +213,6 @@ def parse_args(argv: list[str] | None = None) -> CompareArguments:
     return args
 
 
-def check_base_config(args: CompareArguments) -> None:
-    """glue.py has no flag that unsets class weights, so a base config that sets them cannot run "none"."""
-    base = load_config_file(args.base_config) if args.base_config else {}
-    if base.get("class_weights") is not None and "none" in args.class_weights:
-        raise UsageError(
-            args.base_config,
-            f"sets class_weights={base['class_weights']!r}, so the grid's class_weights 'none' "
-            "cannot be run: use a base config without class_weights and list the weights in the grid instead",
-        )
-
-
 def expand_grid(args: CompareArguments) -> list[Setting]:
     """The settings to train, then the temperature-scaled baselines (one per class weights and noise with ε = 0)."""
     settings = []
@@ -251,9 +240,9 @@ def glue_command(args: CompareArguments, setting: Setting, seed: int, run_dir: P
     flags += ["--label_noise", f"{setting.label_noise:g}"]
     if setting.smoothing_style:
         flags += ["--smoothing_style", setting.smoothing_style]
-    if setting.class_weights != "none":
-        # glue.py takes `balanced` or one float per class as separate words; "none" is its default (no flag).
-        flags += ["--class_weights", *setting.class_weights.split(",")]
+    # Always given, so that "none" also unsets a base config's weights; glue.py takes one float per class as separate
+    # words.
+    flags += ["--class_weights", *setting.class_weights.split(",")]
     for override in args.glue_overrides:
         key, value = override.split("=", 1)
         flags += [f"--{key}", value]
@@ -402,7 +391,6 @@ def main(argv: list[str] | None = None) -> int:
         # Trains nothing and writes whole files only, so it may run while a comparison fills the folder.
         print(report(args).read_text())
         return 0
-    check_base_config(args)
     settings = expand_grid(args)
     check_output_dir(args.output_dir)
     with folder_lock(args.output_dir):

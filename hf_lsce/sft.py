@@ -6,13 +6,14 @@ raise an ImportError that says so when they are used.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from hf_lsce.checks import IGNORE_INDEX
-from hf_lsce.trainer import SmoothingTrainerMixin
+from hf_lsce.trainer import SAMPLE_WEIGHT_KEY, SmoothingTrainerMixin
 from hf_lsce.training_args import SmoothingArguments
 
 try:
@@ -24,6 +25,30 @@ else:
 
 # Rows of logits turned into probabilities at a time for the entropy metric: bounds its extra memory (K floats each).
 _METRIC_ROWS = 1024
+
+
+class _CarrySampleWeight:
+    """A TRL collator that also returns the examples' ``sample_weight`` as a ``(B,)`` fp64 tensor.
+
+    TRL's collators build their batch from the keys they know and drop any other.
+    """
+
+    def __init__(self, collator) -> None:
+        self.collator = collator
+
+    def __call__(self, examples: list[dict]) -> dict:
+        weights = [example.get(SAMPLE_WEIGHT_KEY) for example in examples]
+        batch = self.collator([{k: v for k, v in example.items() if k != SAMPLE_WEIGHT_KEY} for example in examples])
+        if all(weight is None for weight in weights):
+            return batch
+        if any(weight is None for weight in weights):
+            raise ValueError(f"{SAMPLE_WEIGHT_KEY} is None for some examples of a batch: give every example a weight")
+        return {**batch, SAMPLE_WEIGHT_KEY: torch.tensor(weights, dtype=torch.float64)}
+
+
+def _has_sample_weight_column(dataset) -> bool:
+    datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
+    return any(SAMPLE_WEIGHT_KEY in (getattr(d, "column_names", None) or ()) for d in datasets)
 
 
 def _requires_trl(name: str) -> type:
@@ -68,14 +93,33 @@ else:
 
         ``args`` is resolved into `SmoothingSFTConfig`: a plain `SFTConfig` (or `TrainingArguments`) is converted,
         and the keyword options ``label_smoothing``, ``smoothing_style``, ``weight_mode`` and ``class_weights``
-        override into it. TRL's ``label_smoothing_factor`` alone is taken as ``label_smoothing`` (TRL's extra forward
-        pass for it never runs). Mixture-of-experts router losses are not supported.
+        override into it. A ``sample_weight`` column (one non-negative float per example) scales every token of its
+        example (see `SmoothingTrainerMixin`); it cannot be combined with packing or padding-free batches.
+        ``label_names`` must stay None or ``["labels"]``. TRL's ``label_smoothing_factor`` alone is taken as
+        ``label_smoothing`` (TRL's extra forward pass for it never runs). Mixture-of-experts router losses are not
+        supported.
         """
 
         args_class = SmoothingSFTConfig
+        fixed_label_name_reason = "TRL's collators put the targets under 'labels'"
 
         def __init__(self, model, args=None, *trainer_args, **kwargs) -> None:
+            given = {
+                **inspect.signature(SFTTrainer.__init__).bind_partial(None, model, args, *trainer_args).arguments,
+                **kwargs,
+            }
+            weighted = [
+                name for name in ("train_dataset", "eval_dataset") if _has_sample_weight_column(given.get(name))
+            ]
+            if weighted and (getattr(args, "packing", False) or getattr(args, "padding_free", False)):
+                # Packed rows and padding-free batches mix examples in one row; TRL's packing drops other columns.
+                raise ValueError(
+                    f"{' and '.join(weighted)} have a {SAMPLE_WEIGHT_KEY!r} column, which SmoothingSFTTrainer cannot "
+                    "apply with packing or padding_free (one row holds several examples); set packing=False and "
+                    "padding_free=False, or drop the column"
+                )
             super().__init__(model, args, *trainer_args, **kwargs)
+            self.data_collator = _CarrySampleWeight(self.data_collator)
             if self.aux_loss_enabled:
                 raise ValueError(
                     "SmoothingSFTTrainer does not add a mixture-of-experts router loss; set router_aux_loss_coef=0 in "

@@ -5,11 +5,12 @@ What the mean divides by, the one thing this file exists to get right: for every
     sum over the window's positions i of loss_i  /  sum over the same positions of w[y_i]
 
 where the window is all micro-batches of the gradient-accumulation step on all processes, and positions labelled
--100 count nowhere. Its gradient and the logged loss are therefore those of one big batch, whatever the split into
-micro-batches and processes. The base `Trainer` cannot give this: it divides by a label count (not a weight sum), and
-in Transformers 5.x it skips its ÷accumulation for models whose ``forward`` takes ``**kwargs`` even when the loss was
-not computed by the model, so the usual ``compute_loss`` override reports a loss (and gradients) accumulation-steps
-times too large.
+-100 count nowhere. With per-example weights (a ``sample_weight`` batch key), loss_i and w[y_i] are both multiplied
+by the weight of position i's example. Its gradient and the logged loss are therefore those of one big batch, whatever
+the split into micro-batches and processes. The base `Trainer` cannot give this: it divides by a label count (not a
+weight sum), and in Transformers 5.x it skips its ÷accumulation for models whose ``forward`` takes ``**kwargs`` even
+when the loss was not computed by the model, so the usual ``compute_loss`` override reports a loss (and gradients)
+accumulation-steps times too large.
 
 The logic lives in `SmoothingTrainerMixin`, which any `Trainer` subclass can take as its first base
 (``class T(SmoothingTrainerMixin, SomeTrainer)``); `SmoothingTrainer` is the mixin on `transformers.Trainer`.
@@ -41,6 +42,8 @@ logger = logging.get_logger(__name__)
 
 # Written next to the model in every checkpoint (and by `save_model`), so that a resumed run uses the same weights.
 CLASS_WEIGHTS_NAME = "class_weights.json"
+# The batch key (dataset column) of per-example weights: one non-negative float per example.
+SAMPLE_WEIGHT_KEY = "sample_weight"
 
 
 def _warn_if_weights_reshape_smoothing(args: SmoothingArguments) -> None:
@@ -88,6 +91,12 @@ class SmoothingTrainerMixin:
     * seq2seq: decoder logits against ``labels`` (no shift); ``decoder_input_ids`` are built from the labels when the
       collator did not provide them.
 
+    Per-example weights: a batch key ``sample_weight`` (one finite, non-negative float per example, shape ``(B,)``;
+    the dataset column survives ``remove_unused_columns``) multiplies every counted position of its example, in the
+    sum and in the denominator: the step is ``sum_i s_i loss_i / sum_i s_i w[y_i]`` over the window. Present in every
+    batch or in none. The targets are read from ``labels``, or from the one key ``args.label_names`` names; that key
+    and ``sample_weight`` never reach the model.
+
     Multi-label (``problem_type="multi_label_classification"``) and regression (``num_labels=1``) heads raise at
     construction, as does ``compute_loss_func``: this trainer owns the loss.
 
@@ -115,6 +124,9 @@ class SmoothingTrainerMixin:
 
     # The arguments class the options are resolved into (a `TrainingArguments` subclass with `SmoothingArguments`).
     args_class: type[SmoothingArguments] = SmoothingTrainingArguments
+    # Why the targets must be under "labels" (a base trainer or its collators read that key), or None when
+    # `label_names` may name another key.
+    fixed_label_name_reason: str | None = None
     # This trainer owns `training_step`; the flag tells any Transformers code that reads it that `compute_loss`
     # returns a loss already normalized over the accumulation window.
     loss_is_scaled_for_ga = True
@@ -158,6 +170,7 @@ class SmoothingTrainerMixin:
             class_weights=class_weights,
         )
         _warn_if_weights_reshape_smoothing(args)
+        self.label_name = self._check_label_names(args.label_names)
 
         try:
             super().__init__(model, args, *trainer_args, **kwargs)
@@ -179,6 +192,9 @@ class SmoothingTrainerMixin:
         self._window_denominator: float | None = None
         self._eval_totals: Tensor | None = None
         self._weights_on_device: dict[torch.device, Tensor] = {}
+        # Whether batches carry `sample_weight`, by mode ("train", "eval"): set by the first batch, then checked.
+        self._sample_weight_presence: dict[str, bool] = {}
+        self._prediction_sample_weight: Tensor | None = None
 
         self._is_encoder_decoder = False
         self.shift_labels = bool(shift_labels)
@@ -210,6 +226,22 @@ class SmoothingTrainerMixin:
         return self.args.weight_mode
 
     # ---- Construction ----
+
+    def _check_label_names(self, label_names: list[str] | None) -> str:
+        """The batch key of the targets: ``label_names``' one entry, "labels" when it is None."""
+        if label_names is None:
+            return "labels"
+        if not (isinstance(label_names, (list, tuple)) and len(label_names) == 1 and isinstance(label_names[0], str)):
+            raise ValueError(
+                f"label_names must name the one batch key that holds the class labels (e.g. ['target']), as "
+                f"{type(self).__name__} scores one label tensor per batch; got {label_names!r}"
+            )
+        if label_names[0] != "labels" and self.fixed_label_name_reason is not None:
+            raise ValueError(
+                f"label_names must be None or ['labels'] with {type(self).__name__} "
+                f"({self.fixed_label_name_reason}), got {label_names!r}"
+            )
+        return label_names[0]
 
     def _unwrapped_model(self) -> nn.Module:
         model = self.accelerator.unwrap_model(self.model)
@@ -262,21 +294,28 @@ class SmoothingTrainerMixin:
             )
         if self.num_classes is None:
             raise ValueError("class_weights='balanced' needs the model's number of classes; pass explicit weights")
+        # `DataCollatorWithPadding` and the default collator rename a "label" column to "labels".
+        candidates = ("labels", "label") if self.label_name == "labels" else (self.label_name,)
+
+        def label_key(keys) -> str | None:
+            return next((key for key in candidates if key in keys), None)
+
         column_names = getattr(dataset, "column_names", None)
         if column_names is not None:
-            name = "labels" if "labels" in column_names else "label" if "label" in column_names else None
+            name = label_key(column_names)
             labels = dataset[name] if name is not None else None
         else:
             labels = []
             for example in dataset:
-                name = "labels" if "labels" in example else "label" if "label" in example else None
+                name = label_key(example)
                 if name is None:
                     break
                 labels.append(example[name])
         if name is None:
             raise ValueError(
-                "class_weights='balanced' needs a 'labels' (or 'label') column in train_dataset; pass explicit "
-                "weights when the collator creates the labels"
+                f"class_weights='balanced' needs a {' (or '.join(repr(key) for key in candidates)}"
+                f"{')' if len(candidates) > 1 else ''} column in train_dataset; pass explicit weights when the "
+                "collator creates the labels"
             )
         if self.shift_labels:
             # Position 0 of each sequence is never a target of a causal LM.
@@ -292,33 +331,87 @@ class SmoothingTrainerMixin:
             self._weights_on_device[device] = self.class_weights.to(device)
         return self._weights_on_device[device]
 
-    def _targets(self, batch: dict) -> Tensor:
+    def _targets(self, labels: Tensor, shift_target: Tensor | None = None) -> Tensor:
         """The label each logit is scored against, for `compute_loss` and the window's denominator alike.
 
         For causal LMs position t predicts ``labels[t + 1]`` and the last position nothing (-100): padding the targets
-        rather than slicing the logits keeps the logits contiguous, so the loss makes no copy of them.
+        rather than slicing the logits keeps the logits contiguous, so the loss makes no copy of them. A batch's
+        ``shift_labels`` (from padding-free collators) are the targets as they are.
         """
-        if batch.get("shift_labels") is not None:
-            return batch["shift_labels"]
-        labels = batch["labels"]
+        if shift_target is not None:
+            return shift_target
         return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX) if self.shift_labels else labels
+
+    def _check_sample_weight(self, value, targets: Tensor, mode: str | None, check_values: bool) -> Tensor | None:
+        """A batch's ``sample_weight`` as an fp64 ``(B,)`` tensor on the targets' device, or None if it has none.
+
+        One weight per example (the targets' first dimension); with ``check_values``, finite and non-negative.
+        ``mode`` "train" (the whole training run) or "eval" (one evaluation loop): present in every batch or in none.
+        """
+        if mode is not None:
+            present = value is not None
+            if mode not in self._sample_weight_presence:
+                self._sample_weight_presence[mode] = present
+                columns = getattr(self.train_dataset, "column_names", None) or ()
+                if mode == "train" and not present and SAMPLE_WEIGHT_KEY in columns:
+                    raise ValueError(
+                        f"train_dataset has a {SAMPLE_WEIGHT_KEY!r} column, but the training batches do not: the data "
+                        f"collator dropped it; use one that keeps the key (DataCollatorWithPadding, "
+                        "DataCollatorForTokenClassification and DataCollatorForSeq2Seq do)"
+                    )
+            elif self._sample_weight_presence[mode] != present:
+                where = "training" if mode == "train" else "evaluation"
+                raise ValueError(
+                    f"{SAMPLE_WEIGHT_KEY!r} is in some {where} batches and not in others: give every example a "
+                    "weight, or none"
+                )
+        if value is None:
+            return None
+        if not isinstance(value, Tensor) or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{SAMPLE_WEIGHT_KEY} must be a tensor of real numbers, got {describe(value)}")
+        if value.shape != targets.shape[:1]:
+            raise ValueError(
+                f"{SAMPLE_WEIGHT_KEY} must hold one weight per example, shape ({targets.shape[0]},) for labels of "
+                f"shape {tuple(targets.shape)}, got shape {tuple(value.shape)}"
+            )
+        value = value.to(device=targets.device, dtype=torch.float64)
+        if check_values:
+            bad = value[~(value.isfinite() & (value >= 0))]
+            if bad.numel():
+                raise ValueError(
+                    f"{SAMPLE_WEIGHT_KEY} must be finite and non-negative, got {', '.join(map(str, bad[:8].tolist()))}"
+                )
+        return value
+
+    def _denominator(self, targets: Tensor, weight: Tensor | None, sample_weight: Tensor | None) -> Tensor:
+        """What the mean divides by for one micro-batch: `mean_denominator`, each example's share times its weight.
+
+        Without sample weights this is ``sum_i w[y_i]`` over the labelled positions; with them
+        ``sum_b sample_weight[b] * (sum_i w[y_i] over example b's labelled positions)``.
+        """
+        mode = self.args.weight_mode
+        if sample_weight is None:
+            return mean_denominator(targets, weight, IGNORE_INDEX, weight_mode=mode)
+        per_example = torch.func.vmap(lambda row: mean_denominator(row, weight, IGNORE_INDEX, weight_mode=mode))
+        return per_example(targets).to(sample_weight.dtype) @ sample_weight
 
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
         """Fetches one accumulation window (as `Trainer` does) and computes its global weight sum.
 
-        The sum of ``w[y_i]`` over every micro-batch of the window is reduced across processes once per optimizer step;
-        `compute_loss` divides by it. ``num_items_in_batch`` is passed through untouched and not used.
+        The sum of ``w[y_i]`` (times the example's ``sample_weight`` where batches have one) over every micro-batch
+        of the window is reduced across processes once per optimizer step; `compute_loss` divides by it. Labels and
+        sample weights are checked here, once. ``num_items_in_batch`` is passed through untouched and not used.
         """
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
         device = self.args.device
         total = torch.zeros((), dtype=torch.float64, device=device)
         for batch in batch_samples:
-            if batch.get("labels") is None:
-                raise ValueError("SmoothingTrainer needs 'labels' in every training batch")
-            targets = self._targets(batch).to(device)
+            if batch.get(self.label_name) is None:
+                raise ValueError(f"{type(self).__name__} needs {self.label_name!r} in every training batch")
+            targets = self._targets(batch[self.label_name], batch.get("shift_labels")).to(device)
             self._check_label_range(targets)
-            weight = self._weight_on(device)
-            total += mean_denominator(targets, weight, IGNORE_INDEX, weight_mode=self.args.weight_mode)
+            sample_weight = self._check_sample_weight(batch.get(SAMPLE_WEIGHT_KEY), targets, "train", True)
+            total += self._denominator(targets, self._weight_on(device), sample_weight)
         if self.accelerator.num_processes > 1:
             total = self.accelerator.reduce(total, reduction="sum")
         # One host sync per optimizer step: the reduce above has synchronized anyway.
@@ -330,6 +423,12 @@ class SmoothingTrainerMixin:
         if self.num_classes is not None and not targets.is_floating_point():
             check_labels(targets, self.num_classes, IGNORE_INDEX)
 
+    def _set_signature_columns_if_needed(self) -> None:
+        # `remove_unused_columns` keeps the dataset columns the model's `forward` takes; the sample weights are ours.
+        super()._set_signature_columns_if_needed()
+        if SAMPLE_WEIGHT_KEY not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, SAMPLE_WEIGHT_KEY]
+
     def compute_loss(
         self,
         model: nn.Module,
@@ -339,17 +438,21 @@ class SmoothingTrainerMixin:
     ) -> Tensor | tuple[Tensor, object]:
         """The smoothed, weighted loss of one micro-batch, normalized over the whole accumulation window.
 
-        In training (inside `Trainer.train`) this is ``sum_i loss_i / (sum of w[y_i] over the window on all processes)
-        * num_processes``: summed over the window's micro-batches and averaged over processes by DDP it is the
-        full-batch weighted mean. Elsewhere (evaluation, a direct call) it is the micro-batch's own weighted mean.
-        ``num_items_in_batch`` (a label count) is accepted for signature compatibility and ignored.
-        ``labels`` are popped from ``inputs``, so the model never computes its own loss.
+        In training (inside `Trainer.train`) this is ``sum_i s_i loss_i / (sum of s_i w[y_i] over the window on all
+        processes) * num_processes``, with ``s_i`` the ``sample_weight`` of position i's example (1 without one):
+        summed over the window's micro-batches and averaged over processes by DDP it is the full-batch weighted mean.
+        Elsewhere (evaluation, a direct call) it is the micro-batch's own weighted mean. ``num_items_in_batch`` (a
+        label count) is accepted for signature compatibility and ignored. The labels (the key ``label_names`` names,
+        "labels" by default) and ``sample_weight`` are popped from ``inputs``, so the model never computes its own
+        loss.
         """
-        if inputs.get("labels") is None:
-            raise ValueError("SmoothingTrainer needs 'labels' in every batch")
+        if inputs.get(self.label_name) is None:
+            raise ValueError(f"{type(self).__name__} needs {self.label_name!r} in every batch")
         inputs = dict(inputs)
-        labels = inputs.pop("labels")
+        labels = inputs.pop(self.label_name)
         shift_target = inputs.pop("shift_labels", None)
+        # In prediction steps `prediction_step` has set the weights aside before the base class saw the batch.
+        sample_weight = inputs.pop(SAMPLE_WEIGHT_KEY, self._prediction_sample_weight)
         if (
             self._is_encoder_decoder
             and inputs.get("decoder_input_ids") is None
@@ -360,8 +463,12 @@ class SmoothingTrainerMixin:
         self._loss_calls += 1
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        targets = self._targets({"labels": labels, "shift_labels": shift_target})
-        loss = self._smoothed_loss(logits, targets, in_training=model.training)
+        targets = self._targets(labels, shift_target)
+        in_window = model.training and self._window_denominator is not None
+        mode = "train" if in_window else "eval" if self._eval_totals is not None else None
+        # In the window, `get_batch_samples` has checked the values already.
+        sample_weight = self._check_sample_weight(sample_weight, targets, mode, check_values=not in_window)
+        loss = self._smoothed_loss(logits, targets, in_training=model.training, sample_weight=sample_weight)
         self._record_batch_metrics(inputs, logits, targets)
 
         if not return_outputs:
@@ -371,26 +478,39 @@ class SmoothingTrainerMixin:
             outputs = (loss, *outputs)
         return loss, outputs
 
-    def _smoothed_loss(self, logits: Tensor, targets: Tensor, in_training: bool) -> Tensor:
+    def _smoothed_loss(
+        self, logits: Tensor, targets: Tensor, in_training: bool, sample_weight: Tensor | None = None
+    ) -> Tensor:
         """The loss of one micro-batch: normalized over the window in training, its own weighted mean elsewhere.
 
-        In evaluation the sums behind ``eval_loss`` and ``eval_nll`` are added up as well.
+        With ``sample_weight`` (``(B,)``) every position of example b is scaled by ``sample_weight[b]``, in the sum
+        and in what the mean divides by (`_denominator`). In evaluation the sums behind ``eval_loss`` and
+        ``eval_nll`` are added up as well (``eval_nll`` stays unweighted).
         """
         weight = self._weight_on(logits.device)
+        eps = self.args.label_smoothing
         options = {"smoothing_style": self.args.smoothing_style, "weight_mode": self.args.weight_mode}
-        if in_training and self._window_denominator is not None:
-            # Dividing by (global sum / num_processes) scales each process's loss by num_processes, which DDP's
-            # gradient averaging (and the mean over processes of the logged loss) undoes. An all-padding window has
-            # a zero sum; then every local sum is zero too, and normalizer=None gives 0 with zero gradients, no NaN.
-            normalizer = self._window_denominator / self.accelerator.num_processes or None
+        in_window = in_training and self._window_denominator is not None
+        # Dividing by (global sum / num_processes) scales each process's loss by num_processes, which DDP's gradient
+        # averaging (and the mean over processes of the logged loss) undoes. An all-padding (or all-zero-weight)
+        # window has a zero sum; then every local sum is zero too, and the loss is 0 with zero gradients, no NaN.
+        normalizer = self._window_denominator / self.accelerator.num_processes if in_window else None
+        if sample_weight is None and in_window:
             return label_smoothed_cross_entropy(
-                logits, targets, weight, IGNORE_INDEX, "mean", self.args.label_smoothing,
-                normalizer=normalizer, validate=False, **options,
+                logits, targets, weight, IGNORE_INDEX, "mean", eps, normalizer=normalizer or None, validate=False,
+                **options,
             )  # fmt: skip
-        total = label_smoothed_cross_entropy(
-            logits, targets, weight, IGNORE_INDEX, "sum", self.args.label_smoothing, **options
-        )
-        denominator = mean_denominator(targets, weight, IGNORE_INDEX, weight_mode=self.args.weight_mode)
+        if sample_weight is None:
+            total = label_smoothed_cross_entropy(logits, targets, weight, IGNORE_INDEX, "sum", eps, **options)
+        else:
+            # reduction="none" is exact on every implementation of the loss; the weights then scale whole examples.
+            losses = label_smoothed_cross_entropy(
+                logits, targets, weight, IGNORE_INDEX, "none", eps, validate=not in_window, **options
+            )
+            total = losses.reshape(sample_weight.shape[0], -1).sum(1) @ sample_weight.to(losses.dtype)
+            if in_window:
+                return total / normalizer if normalizer else total * 0
+        denominator = self._denominator(targets, weight, sample_weight)
         if self._eval_totals is not None:
             nll = label_smoothed_cross_entropy(logits.detach(), targets, reduction="sum")
             count = mean_denominator(targets, None, IGNORE_INDEX)
@@ -406,7 +526,10 @@ class SmoothingTrainerMixin:
         # `Seq2SeqTrainer.prediction_step` scores a generating evaluation step with `self.label_smoother(outputs,
         # labels)` when one is set, else with the model's own loss: `prediction_step` below sets this there.
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        return self._smoothed_loss(logits, self._targets({"labels": labels}), in_training=False)
+        targets = self._targets(labels)
+        mode = "eval" if self._eval_totals is not None else None
+        sample_weight = self._check_sample_weight(self._prediction_sample_weight, targets, mode, check_values=True)
+        return self._smoothed_loss(logits, targets, in_training=False, sample_weight=sample_weight)
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Tensor], num_items_in_batch: Tensor | int | None = None
@@ -454,11 +577,15 @@ class SmoothingTrainerMixin:
         the model's own): the smoothed, weighted loss is put there for the call, so ``eval_loss`` and ``eval_nll``
         stay this trainer's.
         """
+        inputs = dict(inputs)
+        # Not a model input: `Seq2SeqTrainer` would pass it to `generate` and to the model; the loss reads it here.
+        self._prediction_sample_weight = inputs.pop(SAMPLE_WEIGHT_KEY, None)
         self.label_smoother = self._score_outputs
         try:
             return super().prediction_step(model, inputs, prediction_loss_only, *args, **kwargs)
         finally:
             self.label_smoother = None
+            self._prediction_sample_weight = None
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
@@ -470,6 +597,7 @@ class SmoothingTrainerMixin:
         ``{prefix}_nll = sum of -log p(y_i) / number of labelled positions``, both reduced across processes.
         """
         self._eval_totals = torch.zeros(4, dtype=torch.float64, device=self.args.device)
+        self._sample_weight_presence.pop("eval", None)
         try:
             output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix

@@ -35,13 +35,16 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
 
 
-def dataset() -> datasets.Dataset:
+def dataset(sample_weights=None) -> datasets.Dataset:
+    """The 8 prompt/completion pairs; ``sample_weights`` adds a ``sample_weight`` column."""
     generator = torch.Generator().manual_seed(0)
     rows = []
     for prompt, completion in PAIRS:
         ids = torch.randint(3, VOCAB_SIZE, (prompt + completion,), generator=generator).tolist()
         words = [f"w{i}" for i in ids]
         rows.append({"prompt": " ".join(words[:prompt]), "completion": " " + " ".join(words[prompt:])})
+    if sample_weights is not None:
+        rows = [{**row, "sample_weight": weight} for row, weight in zip(rows, sample_weights)]
     return datasets.Dataset.from_list(rows)
 
 
@@ -78,7 +81,7 @@ class OrderedSmoothingSFTTrainer(SequentialSamplerMixin, SmoothingSFTTrainer):
 
 
 def run(output_dir, batch_size, grad_accum, *, weights=True, config_kwargs=None, trainer_kwargs=None,
-        net=None) -> dict:  # fmt: skip
+        net=None, sample_weights=None) -> dict:  # fmt: skip
     """One optimizer step of SmoothingSFTTrainer; returns the parameters after it, the losses and the log."""
     kwargs = dict(config_kwargs or {})
     if weights:
@@ -86,7 +89,7 @@ def run(output_dir, batch_size, grad_accum, *, weights=True, config_kwargs=None,
     trainer = OrderedSmoothingSFTTrainer(
         model=net if net is not None else model(),
         args=config(output_dir, batch_size, grad_accum, **kwargs),
-        train_dataset=dataset(),
+        train_dataset=dataset(sample_weights),
         processing_class=tokenizer(),
         **(trainer_kwargs or {}),
     )
@@ -106,11 +109,13 @@ def prepared_batch(output_dir) -> dict:
     return trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
 
 
-def full_batch_reference(output_dir, weight_mode="example", weights=True, epsilon=EPSILON, mask_prompts=True) -> dict:
+def full_batch_reference(output_dir, weight_mode="example", weights=True, epsilon=EPSILON, mask_prompts=True,
+                         sample_weights=None) -> dict:  # fmt: skip
     """One SGD step on the whole batch with `F.cross_entropy`: the truth every split must match.
 
     ``weight_mode="example"``: each token's unweighted smoothed loss times ``w[y]``, summed, over ``sum w[y]``;
     ``"torch"``: ``F.cross_entropy(weight=w)``. ``mask_prompts=False`` scores the prompt tokens too (a control).
+    ``sample_weights`` (example mode): each token's term also times its example's weight, in both sums.
     """
     batch = prepared_batch(os.path.join(output_dir, "prepare"))
     labels = batch.pop("labels")
@@ -124,6 +129,9 @@ def full_batch_reference(output_dir, weight_mode="example", weights=True, epsilo
     if weight_mode == "example" and weight is not None:
         counted = targets != -100
         example_weight = weight[targets.clamp(min=0)] * counted
+        if sample_weights is not None:
+            per_example = torch.tensor(sample_weights, dtype=torch.float64)[:, None]
+            example_weight = example_weight * per_example.expand_as(labels[:, 1:]).flatten()
         per_token = F.cross_entropy(logits, targets, reduction="none", label_smoothing=epsilon)
         loss = (per_token * example_weight).sum() / example_weight.sum()
     else:

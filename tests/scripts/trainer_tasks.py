@@ -41,6 +41,8 @@ VOCAB_SIZE = 24
 NUM_LABELS = {"seq_cls": 3, "token_cls": 4, "causal_lm": VOCAB_SIZE, "seq2seq": VOCAB_SIZE}
 LEARNING_RATE = 0.5
 EPSILON = 0.1
+# Per-example weights of the 8 examples (`sample_weight`): unequal, one of them 0, exact in fp32.
+SAMPLE_WEIGHTS = (0.5, 2.0, 1.0, 0.0, 1.5, 0.25, 3.0, 1.0)
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
@@ -56,7 +58,8 @@ def class_weights(task: str) -> list[float]:
     return [0.5 + 1.5 * ((7 * c) % k) / (k - 1) for c in range(k)]
 
 
-def examples(task: str, lengths=LENGTHS) -> list[dict]:
+def examples(task: str, lengths=LENGTHS, sample_weights=None, label_key=None) -> list[dict]:
+    """The task's examples; ``sample_weights`` adds each one's ``sample_weight``, ``label_key`` renames the labels."""
     generator = torch.Generator().manual_seed(1234)
     rows = []
     for i, length in enumerate(lengths):
@@ -73,6 +76,10 @@ def examples(task: str, lengths=LENGTHS) -> list[dict]:
             row["labels"] = torch.randint(2, VOCAB_SIZE, (target_length,), generator=generator).tolist()
         else:
             row["labels"] = list(ids)
+        if sample_weights is not None:
+            row["sample_weight"] = sample_weights[i]
+        if label_key is not None:
+            row[label_key] = row.pop("label" if task == "seq_cls" else "labels")
         rows.append(row)
     return rows
 
@@ -175,10 +182,11 @@ def training_args(
 
 def run(task, output_dir, batch_size, grad_accum, *, trainer_cls=OrderedSmoothingTrainer, steps=1, lengths=LENGTHS,
         weights=True, args_kwargs=None, dtype=torch.float64, resume_from_checkpoint=None, eval_dataset=None,
-        args=None, **trainer_kwargs) -> dict:  # fmt: skip
+        args=None, train_dataset=None, **trainer_kwargs) -> dict:  # fmt: skip
     """Trains ``steps`` optimizer steps; returns the final parameters, the training loss and the logged losses.
 
-    ``args`` replaces the arguments built from ``batch_size``, ``grad_accum``, ``steps`` and ``args_kwargs``.
+    ``args`` replaces the arguments built from ``batch_size``, ``grad_accum``, ``steps`` and ``args_kwargs``;
+    ``train_dataset`` replaces ``examples(task, lengths)``.
     """
     net = model(task, dtype)
     kwargs = dict(args_kwargs or {})
@@ -190,8 +198,9 @@ def run(task, output_dir, batch_size, grad_accum, *, trainer_cls=OrderedSmoothin
     if args is None:
         args = training_args(output_dir, batch_size, grad_accum, steps=steps, **kwargs)
     trainer = trainer_cls(
-        model=net, args=args, train_dataset=examples(task, lengths), eval_dataset=eval_dataset,
-        data_collator=collator(task), **trainer_kwargs,
+        model=net, args=args, eval_dataset=eval_dataset,
+        train_dataset=examples(task, lengths) if train_dataset is None else train_dataset,
+        **{"data_collator": collator(task), **trainer_kwargs},
     )  # fmt: skip
     output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
@@ -199,10 +208,13 @@ def run(task, output_dir, batch_size, grad_accum, *, trainer_cls=OrderedSmoothin
     return {"params": params, "training_loss": output.training_loss, "logged": logged, "trainer": trainer}
 
 
-def full_batch_reference(task, lengths=LENGTHS, weights=True, epsilon=EPSILON, weight_mode="torch") -> dict:
+def full_batch_reference(task, lengths=LENGTHS, weights=True, epsilon=EPSILON, weight_mode="torch",
+                         sample_weights=None) -> dict:  # fmt: skip
     """One SGD step on the whole batch, computed with `F.cross_entropy` directly: the truth every split must match.
 
     ``weight_mode="example"``: each position's unweighted smoothed loss times ``w[y]``, summed, over ``sum w[y]``.
+    ``sample_weights`` (one per example): each position's loss (``F.cross_entropy(weight=w, reduction="none")``, or
+    the example mode's) also times its example's weight ``s``, over ``sum s * w[y]`` of the labelled positions.
     """
     net = model(task)
     reference = copy.deepcopy(net)
@@ -213,8 +225,19 @@ def full_batch_reference(task, lengths=LENGTHS, weights=True, epsilon=EPSILON, w
     if task == "causal_lm":
         logits, labels = logits[..., :-1, :], labels[..., 1:]
     weight = torch.tensor(class_weights(task), dtype=torch.float64) if weights else None
+    if sample_weights is not None:
+        example_weight = torch.tensor(sample_weights, dtype=torch.float64)
+        per_position = example_weight.reshape(-1, *[1] * (labels.dim() - 1)).expand_as(labels).flatten()
     logits, labels = logits.flatten(0, -2), labels.flatten()
-    if weight_mode == "example" and weight is not None:
+    if sample_weights is not None:
+        counted = labels != -100
+        class_weight = weight[labels.clamp(min=0)] if weight is not None else torch.ones_like(per_position)
+        if weight_mode == "example":
+            losses = F.cross_entropy(logits, labels, reduction="none", label_smoothing=epsilon) * class_weight
+        else:
+            losses = F.cross_entropy(logits, labels, weight=weight, reduction="none", label_smoothing=epsilon)
+        loss = (losses * per_position).sum() / (class_weight * per_position * counted).sum()
+    elif weight_mode == "example" and weight is not None:
         per_position = F.cross_entropy(logits, labels, reduction="none", label_smoothing=epsilon)
         counted = labels != -100
         example_weight = weight[labels.clamp(min=0)] * counted
@@ -239,3 +262,11 @@ def dump(path, results: dict) -> None:
     with open(str(path) + ".json", "w") as f:
         json.dump({key: {"training_loss": value["training_loss"], "logged": value["logged"]} for key, value in
                    results.items()}, f)  # fmt: skip
+
+
+def weighted_dataset(task: str, sample_weights=SAMPLE_WEIGHTS):
+    """The task's examples with a ``sample_weight`` column, as a `datasets.Dataset`: `Trainer` then removes the columns
+    the model's ``forward`` does not take, which must not include ``sample_weight``."""
+    import datasets
+
+    return datasets.Dataset.from_list(examples(task, sample_weights=sample_weights))

@@ -87,6 +87,12 @@ def check_number(
     raise ValueError(message) if ok_type else TypeError(message)
 
 
+def check_device(name: str, value: object, device: torch.device, *, other: str = "input") -> None:
+    """Raises a ValueError if ``value`` is a tensor on another device than ``device``, that of the tensor ``other``."""
+    if isinstance(value, Tensor) and value.device != device:
+        raise ValueError(f"{name} must be on the device of {other} ({device}), got a tensor on {value.device}")
+
+
 def check_labels(
     labels: Tensor, num_classes: int, ignore_index: int | None = IGNORE_INDEX, *, name: str = "labels"
 ) -> None:
@@ -110,6 +116,24 @@ def check_labels(
     value = int(labels[(labels < 0) | (labels >= num_classes)].flatten()[0])
     allowed = f"[0, {num_classes})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
     raise ValueError(f"{name} must hold class indices in {allowed}, got {value}")
+
+
+def functorch_transforms_active() -> bool:
+    """Whether a `torch.func` transform (vmap, grad, jvp, ...) is running."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
+def vmap_active() -> bool:
+    """Whether a `torch.func.vmap` is running, under which no tensor value can be read (``.item()`` fails)."""
+    if not functorch_transforms_active():
+        return False
+    try:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # private modules; without them, assume the transform might be vmap
+        return True
+    return any(interpreter.key() == TransformType.Vmap for interpreter in retrieve_all_functorch_interpreters())
 
 
 def _show(weights: Tensor | Sequence) -> str:

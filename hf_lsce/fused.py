@@ -38,6 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from hf_lsce.checks import functorch_transforms_active
+
 # One chunk of fp32 rows per thread. Each chunk costs ~10 PyTorch calls (~50 us of Python and dispatch, more when
 # threads contend for the GIL), so chunks must be large; small enough that all threads' chunks stay in the
 # last-level cache. On the project's 2-core EPYC VM (1 MiB L2 per core, 32 MiB L3), N = 4096, K = 32768, fp32, in
@@ -86,6 +88,11 @@ def fused_cross_entropy(
         chunk_bytes (`int`, *optional*): bytes of one fp32 (fp64) chunk of rows; at least one row is processed at a
             time. Defaults to `DEFAULT_CHUNK_BYTES`.
     """
+    if functorch_transforms_active():
+        raise ValueError(
+            "implementation='fused' does not run under torch.func transforms (vmap, grad, jacrev, ...); "
+            "use implementation='auto' (which then takes the reference path) or 'reference'"
+        )
     for name, tensor in (("target", target), ("weight", weight), ("normalizer", denominator)):
         if isinstance(tensor, Tensor) and tensor.requires_grad:
             raise ValueError(
@@ -194,6 +201,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
                         grad[start:end].copy_(z)
 
         _run_chunks(range(0, num_rows, step), work, x.device)
+        if need_grad and terms["valid"] is not None:
+            # An ignored row's factors are 0, but 0 times the softmax of a row holding NaN or inf is NaN: its
+            # gradient is set to exactly 0 (a pass over the ignored rows only).
+            grad.index_fill_(0, (~terms["valid"]).nonzero().squeeze(1), 0)
 
         picked, spread, top, peak = stats.squeeze(2)
         # At the row's maximum p = exp(max - lse) >= 1 / K: this log-sum-exp loses nothing to underflow.
@@ -207,14 +218,22 @@ class _FusedCrossEntropy(torch.autograd.Function):
         ctx.grad = grad
         ctx.reduction = reduction
         ctx.input_shape = input.shape
+        if need_grad and not inplace:
+            # Read only by a backward pass that builds a graph (create_graph=True, `_gradient_graph`). Saving the
+            # logits keeps them alive until the backward pass, no longer than the gradient they are as large as.
+            ctx.save_for_backward(input)
+            ctx.graph_terms = (terms, class_weight, scale, dtype)
         if reduction == "none":
             return losses.reshape(input.shape[:-1])
         total = losses.sum()
         return total if reduction == "sum" else total * scale
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            # create_graph=True (e.g. a gradient penalty): the stored gradient would be a constant to autograd, so
+            # the second-order term would be lost; it is recomputed from the logits with differentiable operations.
+            return (_gradient_graph(ctx, grad_output),) + (None,) * 11
         grad = ctx.grad
         if grad is None:
             raise RuntimeError(
@@ -231,6 +250,38 @@ class _FusedCrossEntropy(torch.autograd.Function):
         if ctx.reduction == "none" or not bool(grad_output == 1):
             grad = grad * scale if keep else grad.mul_(scale)
         return (grad.view(ctx.input_shape),) + (None,) * 11
+
+
+def _gradient_graph(ctx, grad_output: Tensor) -> Tensor:
+    """The input's gradient ``s * grad_output * (U p - u)`` as differentiable PyTorch operations on the saved logits.
+
+    This is what a backward pass with ``create_graph=True`` returns: autograd can differentiate it again, so every
+    higher-order gradient is exact. It costs the reference path's memory (a few tensors of the logits' size).
+    """
+    if not ctx.saved_tensors:
+        raise RuntimeError(
+            "inplace_backward=True overwrote the logits with their gradient, so no higher-order gradient "
+            "(create_graph=True) can be computed; use inplace_backward=False"
+        )
+    (input,) = ctx.saved_tensors
+    terms, class_weight, scale, dtype = ctx.graph_terms
+    num_classes = input.shape[-1]
+    x = input.reshape(-1, num_classes).to(dtype)
+    if terms["valid"] is not None:
+        # Ignored rows get exactly 0, whatever their logits hold (a NaN row would make p, and 0 * p, NaN).
+        x = torch.where(terms["valid"][:, None], x, 0)
+    v = x.new_ones(num_classes) if class_weight is None else class_weight
+    u = terms["spread"][:, None] * v
+    target = terms["target"]
+    if target.is_floating_point():
+        u = u + terms["picked"][:, None] * target.to(dtype) * v
+    else:
+        u = u.scatter_add(1, target, terms["picked"][:, None])
+    grad = terms["total"][:, None] * torch.softmax(x, 1) - u
+    if scale is not None:
+        grad = grad * scale
+    grad = grad * (grad_output.reshape(-1, 1) if ctx.reduction == "none" else grad_output)
+    return grad.reshape(ctx.input_shape).to(input.dtype)
 
 
 def _gradient_buffer(x: Tensor) -> Tensor:

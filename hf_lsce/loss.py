@@ -29,11 +29,14 @@ from hf_lsce.checks import (
     WEIGHT_MODES,
     check_choice,
     check_class_weight_values,
+    check_device,
     check_labels,
     check_number,
     describe,
+    functorch_transforms_active,
     is_integer,
     is_real,
+    vmap_active,
 )
 from hf_lsce.fused import FUSED_MIN_CLASSES, fused_cross_entropy
 
@@ -62,6 +65,8 @@ def _check_implementation(implementation: str, inplace_backward: bool) -> None:
 def _use_fused(implementation: str, input: Tensor, target: Tensor, weight, normalizer, inplace_backward) -> bool:
     if implementation != "auto":
         return implementation == "fused"
+    if functorch_transforms_active():
+        return False  # torch.func.grad, vmap, ...: the reference path is made of operations they know
     # Measured, and so chosen by default, on CPU only (no GPU was available to this project); "fused" works anywhere.
     if input.shape[-1] < FUSED_MIN_CLASSES or not (input.is_cpu or inplace_backward):
         return False
@@ -168,6 +173,7 @@ def mean_denominator(
         weight_mode (`str`, *optional*, defaults to `"torch"`): see `label_smoothed_cross_entropy`.
     """
     check_choice("weight_mode", weight_mode, WEIGHT_MODES)
+    check_device("weight", weight, target.device, other="target")
     dtype = weight.dtype if weight is not None and weight.dtype == torch.float64 else torch.float32
     if target.is_floating_point():
         if weight is None or weight_mode == "torch":
@@ -232,18 +238,21 @@ def label_smoothed_cross_entropy(
             processes). Must be > 0.
         validate (`bool`, *optional*, defaults to `True`): check label range, weight and normalizer values. These
             checks read tensor values, which synchronizes with the GPU; pass False in a hot loop once inputs are
-            trusted.
+            trusted. Inside `torch.func.vmap`, which cannot read values, they are skipped.
         implementation (`str`, *optional*, defaults to `"auto"`): ``"reference"``: the expression above, through
             PyTorch's own ``F.cross_entropy`` kernel where it computes this loss (class indices, ``weight_mode=
             "torch"`` or no weights; ``label_smoothing = b * K``; its own mean when that is finite).
             ``"fused"``: `hf_lsce.fused`, rows processed in small chunks that compute the loss and the gradient in
             one pass; extra memory is the gradient alone (on CPU kept for the next call's gradient until
             `hf_lsce.fused.empty_cache`), no fp32 copy of fp16/bf16 logits; no gradient for
-            ``target``, ``weight`` or ``normalizer``. ``"auto"``: fused for logits with at least
-            ``hf_lsce.fused.FUSED_MIN_CLASSES`` classes on CPU (with ``inplace_backward=True``, on any device) when
-            only ``input`` requires grad. The fused path is plain PyTorch and runs on any device, but it was measured
-            and tested on CPU only; on GPUs ``"auto"`` keeps the reference path unless asked. Both give the same
-            values up to floating-point rounding.
+            ``target``, ``weight`` or ``normalizer``; not under `torch.func` transforms (a ValueError). A backward
+            pass with ``create_graph=True`` (e.g. a gradient penalty) recomputes its gradient with differentiable
+            operations, so higher-order gradients are exact (that backward pass then costs the reference path's
+            memory). ``"auto"``: fused for logits with at least ``hf_lsce.fused.FUSED_MIN_CLASSES`` classes on CPU
+            (with ``inplace_backward=True``, on any device) when only ``input`` requires grad and no `torch.func`
+            transform (``grad``, ``vmap``, ...) is running. The fused path is plain PyTorch and runs on any
+            device, but it was measured and tested on CPU only; on GPUs ``"auto"`` keeps the reference path unless
+            asked. Both give the same values up to floating-point rounding.
         inplace_backward (`bool`, *optional*, defaults to `False`): fused path only: write the input's gradient
             into the input's own buffer during the forward pass, so the loss needs no extra memory of the logits'
             size. **The logits tensor is overwritten and must not be used afterwards** (nor be saved for backward
@@ -256,6 +265,10 @@ def label_smoothed_cross_entropy(
     """
     _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
     _check_tensors(input, target)
+    # Under torch.func.vmap no value can be read: the value checks are skipped, as with validate=False.
+    validate = validate and not vmap_active()
+    check_device("weight", weight, input.device)
+    check_device("normalizer", normalizer, input.device)
     _check_weight(weight, input.shape[-1], validate)
     _check_normalizer(normalizer, reduction, validate)
     _check_implementation(implementation, inplace_backward)
@@ -297,6 +310,7 @@ def label_smoothed_cross_entropy(
         x = input if input.dim() == 2 else input.reshape(-1, num_classes)
         x = x if x.dtype == dtype else x.to(dtype)
         y = target if target.dim() == 1 else target.reshape(-1)
+        x = _without_ignored_logits(x, y, ignore_index, validate)
         smoothing = min(b * num_classes, 1.0)
         if kernel_mean:
             loss = _kernel_cross_entropy(x, y, w, ignore_index, reduction="mean", label_smoothing=smoothing)
@@ -309,7 +323,10 @@ def label_smoothed_cross_entropy(
             return losses.reshape(target.shape)
         return losses if reduction == "sum" else _safe_divide(losses, denominator())
 
-    logp = F.log_softmax(input.reshape(-1, num_classes).to(dtype), dim=-1)
+    x = input.reshape(-1, num_classes).to(dtype)
+    if not target.is_floating_point():
+        x = _without_ignored_logits(x, target.reshape(-1), ignore_index, validate)
+    logp = F.log_softmax(x, dim=-1)
     if target.is_floating_point():
         t = target.reshape(-1, num_classes).to(dtype)
         q = a * t + b * t.sum(-1, keepdim=True)
@@ -338,6 +355,18 @@ def label_smoothed_cross_entropy(
         return losses.reshape(positions)
     total = losses.sum()
     return total if reduction == "sum" else _safe_divide(total, denominator())
+
+
+def _without_ignored_logits(x: Tensor, y: Tensor, ignore_index: int, read_values: bool) -> Tensor:
+    """``x`` (N, K) with the rows whose label is ``ignore_index`` set to 0, so that their gradient is exactly 0.
+
+    log_softmax's backward is ``g - softmax * sum(g)``: NaN in a row that holds a NaN or +inf logit even where the
+    incoming gradient ``g`` is 0. With ``read_values`` the rows are replaced only when some logit is not finite (one
+    reduction and a host read; the usual, finite case then adds no operation to the graph).
+    """
+    if read_values and math.isfinite(x.sum().item()):
+        return x
+    return torch.where((y != ignore_index)[:, None], x, 0)
 
 
 def _safe_divide(total: Tensor, denominator: Tensor) -> Tensor:

@@ -146,3 +146,24 @@ def test_label_smoothing_has_one_rule_everywhere(tmp_path):
         SmoothingTrainingArguments(output_dir=str(tmp_path), report_to=[], label_smoothing=1.5)
     default = SmoothingTrainingArguments(output_dir=str(tmp_path), report_to=[]).label_smoothing
     assert checks.DEFAULT_LABEL_SMOOTHING == default == 0.1
+
+
+def test_check_device_names_the_argument_and_both_devices():
+    checks.check_device("weight", torch.ones(2), torch.device("cpu"))  # same device
+    checks.check_device("weight", None, torch.device("cpu"))  # nothing given
+    with pytest.raises(ValueError, match=r"^weight must be on the device of target \(cpu\), got a tensor on meta$"):
+        checks.check_device("weight", torch.ones(2, device="meta"), torch.device("cpu"), other="target")
+
+
+def test_transform_detection():
+    seen = []
+
+    def probe(x):
+        seen.append((checks.functorch_transforms_active(), checks.vmap_active()))
+        return x.sum()
+
+    probe(torch.ones(2))
+    torch.func.grad(probe)(torch.ones(2))
+    torch.func.vmap(probe)(torch.ones(3, 2))
+    torch.func.grad(lambda x: torch.func.vmap(probe)(x).sum())(torch.ones(3, 2))
+    assert seen == [(False, False), (True, False), (True, True), (True, True)]

@@ -265,6 +265,83 @@ def test_backward_twice_needs_retain_graph():
         loss.backward()
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Higher-order gradients and torch.func
+
+SECOND_ORDER_OPTIONS = [
+    dict(label_smoothing=0.1),
+    dict(label_smoothing=0.1, weight_mode="example", reduction="sum"),
+    dict(label_smoothing=0.2, smoothing_style="off_target", reduction="none"),
+]
+
+
+@pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
+@pytest.mark.parametrize("options", SECOND_ORDER_OPTIONS, ids=["mean", "example-sum", "off_target-none"])
+def test_gradient_penalty_through_the_default_path_equals_the_reference(options, probabilities):
+    """A gradient penalty ||d loss / d W||^2 of a head's weight W with K = 70 (the default takes the fused path).
+
+    The penalty depends on W only through the logits' gradient, so a first-order-only backward pass (the stored
+    gradient, a constant) gives a zero gradient: the reference's is far from zero (the control)."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(12, 8, generator=generator, dtype=torch.float64)
+    _, target, weight = make_batch(12, 70, probabilities=probabilities)
+    start = torch.randn(70, 8, generator=generator, dtype=torch.float64)
+    results = {}
+    for name, implementation in [("reference", "reference"), ("default", "auto")]:
+        head = start.clone().requires_grad_(True)
+        loss = label_smoothed_cross_entropy(hidden @ head.T, target, weight, implementation=implementation, **options)
+        assert ("Fused" in type(loss.grad_fn).__name__) == (name == "default")
+        loss = loss if loss.dim() == 0 else (loss * torch.arange(12)).sum()
+        (grad,) = torch.autograd.grad(loss, head, create_graph=True)
+        grad.pow(2).sum().backward()
+        results[name] = (grad.detach(), head.grad)
+    torch.testing.assert_close(results["default"], results["reference"])
+    assert results["reference"][1].abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradgradcheck(probabilities, reduction):
+    logits, target, weight = make_batch(5, 7, probabilities=probabilities)
+    x = logits.requires_grad_(True)
+    for weight_mode in ("torch", "example"):
+        options = dict(label_smoothing=0.2, weight_mode=weight_mode, reduction=reduction)
+        assert torch.autograd.gradgradcheck(functools.partial(fused, target=target, weight=weight, **options), (x,))
+
+
+def test_create_graph_after_inplace_backward_raises():
+    x = torch.randn(4, 300, requires_grad=True)
+    loss = label_smoothed_cross_entropy(x * 1, torch.randint(0, 300, (4,)), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="no higher-order gradient .* use inplace_backward=False"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_torch_func_grad_and_vmap_on_the_default_path_equal_the_reference():
+    k = 70
+    logits, target, weight = make_batch(6, k)
+    target[1] = 3  # vmap's rows below must count
+    options = dict(label_smoothing=0.1, weight_mode="example")
+    grad = torch.func.grad(lambda x: label_smoothed_cross_entropy(x, target, weight, **options))(logits)
+    _, expected = loss_and_grad(reference, logits, target, weight, reduction="sum", **options)
+    denominator = hf_lsce.mean_denominator(target, weight)
+    torch.testing.assert_close(grad, expected / denominator)
+    rows = torch.func.vmap(lambda x, y: label_smoothed_cross_entropy(x, y, weight, **options))(
+        logits[:, None], target[:, None]
+    )
+    torch.testing.assert_close(
+        rows, torch.stack([reference(x, y, weight, **options) for x, y in zip(logits[:, None], target[:, None])])
+    )
+    per_row = torch.func.vmap(torch.func.grad(lambda x, y: label_smoothed_cross_entropy(x, y, weight, **options)))
+    torch.testing.assert_close(
+        per_row(logits[:, None], target[:, None]),
+        torch.stack(
+            [loss_and_grad(reference, x, y, weight, **options)[1] for x, y in zip(logits[:, None], target[:, None])]
+        ),
+    )
+    with pytest.raises(ValueError, match="implementation='fused' does not run under torch.func transforms"):
+        torch.func.grad(lambda x: fused(x, target, weight))(logits)
+
+
 def test_gradient_memory_is_reused_only_once_nothing_holds_it():
     hf_lsce.fused.empty_cache()
     logits, target, weight = make_batch(16, 300, dtype=torch.float32)

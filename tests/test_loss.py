@@ -322,6 +322,62 @@ def test_ignored_positions_cost_nothing(lsce):
     assert ignored.any() and loss[ignored].abs().max() == 0 and grad[ignored].abs().max() == 0
 
 
+# Every path: the fused one, PyTorch's kernel (weight_mode="torch") and the general expression ("example").
+PATHS = {
+    "fused": dict(implementation="fused"),
+    "kernel": dict(implementation="reference"),
+    "expression": dict(implementation="reference", weight_mode="example"),
+}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("validate", [True, False], ids=["validate", "trusted"])
+def test_non_finite_logits_in_ignored_rows_get_zero_gradient(path, reduction, validate):
+    """NaN and inf in padding rows: every gradient finite, those rows' exactly 0, the other rows' and the loss as
+    with finite padding; PyTorch's own gradient is NaN there (the control)."""
+    logits, target, weight = make_batch((3, 4), 70, ignored=0)
+    target[0, 1:] = target[2, 0] = -100
+    poisoned = logits.clone()
+    poisoned[0, 1, 5] = float("nan")
+    poisoned[0, 2, 0] = float("inf")
+    poisoned[0, 3] = float("-inf")
+    poisoned[2, 0] = float("nan")
+    options = dict(PATHS[path], reduction=reduction, label_smoothing=0.1, validate=validate)
+    loss, grad = loss_and_grad(label_smoothed_cross_entropy, poisoned, target, weight, **options)
+    expected, expected_grad = loss_and_grad(label_smoothed_cross_entropy, logits, target, weight, **options)
+    ignored = target == -100
+    assert grad.isfinite().all() and grad[ignored].abs().max() == 0
+    torch.testing.assert_close((loss, grad), (expected, expected_grad))
+    _, their_grad = loss_and_grad(torch_reference, poisoned, target, weight, reduction=reduction, label_smoothing=0.1)
+    assert their_grad[ignored].isnan().any()
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_non_finite_logits_in_ignored_rows_leave_the_head_gradient_finite(path):
+    """Logits from a linear head that overflow in padding rows (finite hidden states): the head's gradient stays
+    finite and equals the one without those rows; a NaN logit in a counted row still gives NaN, as in PyTorch."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(8, 16, generator=generator)
+    hidden[6:] = torch.finfo(torch.float32).max  # products that overflow to inf
+    target = torch.randint(0, 70, (8,), generator=generator)
+    target[6:] = -100
+    head = torch.nn.Linear(16, 70)
+    options = dict(PATHS[path], label_smoothing=0.1)
+    label_smoothed_cross_entropy(head(hidden), target, **options).backward()
+    logits = head(hidden)
+    assert logits[6:].isinf().any()  # which makes their softmax NaN
+    grads = [p.grad.clone() for p in head.parameters()]
+    head.zero_grad()
+    label_smoothed_cross_entropy(head(hidden[:6]), target[:6], **options).backward()
+    for actual, expected in zip(grads, [p.grad for p in head.parameters()]):
+        assert actual.isfinite().all()
+        torch.testing.assert_close(actual, expected)
+    head.zero_grad()
+    counted_nan = head(hidden[:6]).index_fill(0, torch.tensor([1]), float("nan"))
+    assert label_smoothed_cross_entropy(counted_nan, target[:6], **options).isnan()
+
+
 def test_custom_ignore_index(lsce):
     logits, target, weight = make_batch((4, 6), 7)
     target = target.masked_fill(target == -100, 3)
@@ -488,6 +544,19 @@ def test_bad_input_raises(lsce, kwargs, error, match):
     arguments = dict(input=LOGITS, target=TARGET) | kwargs
     with pytest.raises(error, match=match):
         lsce(**arguments)
+
+
+@pytest.mark.parametrize("name", ["weight", "normalizer"])
+def test_tensor_on_another_device_raises(lsce, name):
+    """PyTorch would fail deep inside (or, for a 0-d tensor, move it silently); the error names both devices."""
+    value = torch.ones(3, device="meta") if name == "weight" else torch.tensor(2.0, device="meta")
+    with pytest.raises(ValueError, match=rf"^{name} must be on the device of input \(cpu\), got a tensor on meta$"):
+        lsce(LOGITS, TARGET, **{name: value})
+    with pytest.raises(ValueError, match=r"^weight must be on the device of target \(cpu\), got a tensor on meta$"):
+        mean_denominator(TARGET, torch.ones(3, device="meta"))
+    module = LabelSmoothedCrossEntropyLoss(torch.ones(3)).to("meta")
+    with pytest.raises(ValueError, match=r"weight must be on the device of input \(cpu\), got a tensor on meta"):
+        module(LOGITS, TARGET)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])

@@ -641,6 +641,8 @@ class SmoothingTrainerMixin:
             checkpoint = get_last_checkpoint(self.args.output_dir)
         if isinstance(checkpoint, (str, os.PathLike)):
             self._load_class_weights(checkpoint)
+        # Whether batches carry sample weights is decided by this run's first batch.
+        self._sample_weight_presence.pop("train", None)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:

@@ -316,3 +316,14 @@ def test_two_processes_equal_full_batch_weighted_mean(tmp_path, references):
     for task in tasks.TASKS:
         for split in ("2x4", "2x2x2"):
             _check_matches_reference(results[f"sample_weight/{task}/{split}"], references[task, "torch"])
+
+
+def test_a_later_training_run_may_change_whether_batches_have_weights(tmp_path):
+    trainer = tasks.OrderedSmoothingTrainer(
+        model=tasks.model("seq_cls"), args=tasks.training_args(tmp_path, 2, 1),
+        train_dataset=tasks.weighted_dataset("seq_cls"), data_collator=tasks.collator("seq_cls"),
+    )  # fmt: skip
+    trainer.train()
+    trainer.train_dataset = tasks.examples("seq_cls")
+    trainer.train()
+    assert trainer._sample_weight_presence["train"] is False

@@ -304,18 +304,27 @@ def _free_port() -> int:
 
 @pytest.mark.distributed
 def test_two_processes_equal_full_batch_weighted_mean(tmp_path, references):
+    try:
+        import trainer_sft_tasks as sft
+    except ImportError:  # TRL is an optional extra
+        sft = None
+    weighted_tasks = [*tasks.TASKS, "sft"] if sft is not None else list(tasks.TASKS)
     out = tmp_path / "results.pt"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        str(SCRIPTS / "trainer_worker.py"), str(out), *(f"sample_weight/{task}" for task in tasks.TASKS),
+        str(SCRIPTS / "trainer_worker.py"), str(out), *(f"sample_weight/{task}" for task in weighted_tasks),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
     results = torch.load(out, weights_only=False)
-    for task in tasks.TASKS:
+    expected = {task: references[task, "torch"] for task in tasks.TASKS}
+    if sft is not None:
+        # SFT runs in its default weight_mode="example", as trainer_sft_tasks' truth does.
+        expected["sft"] = sft.full_batch_reference(tmp_path, sample_weights=WEIGHTS)
+    for task in weighted_tasks:
         for split in ("2x4", "2x2x2"):
-            _check_matches_reference(results[f"sample_weight/{task}/{split}"], references[task, "torch"])
+            _check_matches_reference(results[f"sample_weight/{task}/{split}"], expected[task])
 
 
 def test_a_later_training_run_may_change_whether_batches_have_weights(tmp_path):

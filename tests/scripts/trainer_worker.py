@@ -3,7 +3,8 @@
 Every rank trains each task once per split (2 processes × batch 4; 2 processes × batch 2 × accumulation 2; and the
 negative control, a per-micro-batch mean, at 2 × 2 × 2); rank 0 writes the parameters after the step and the losses
 to OUT (torch.save) and OUT.json. The task "sft" (TRL's SFTTrainer through SmoothingSFTTrainer, needs TRL) runs the
-two splits without the control, as does "sample_weight/TASK" (TASK with per-example weights).
+two splits without the control, as does "sample_weight/TASK" (TASK, "sft" included, with per-example
+weights).
 """
 
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from trainer_tasks import TASKS, PerMicroBatchMeanTrainer, dump, run, weighted_dataset  # noqa: E402
+from trainer_tasks import SAMPLE_WEIGHTS, TASKS, PerMicroBatchMeanTrainer, dump, run, weighted_dataset  # noqa: E402
 
 SPLITS = {"2x4": (4, 1), "2x2x2": (2, 2)}
 
@@ -34,9 +35,14 @@ def main() -> None:
                 # sample_weight/TASK: the task with per-example weights, both splits, no control.
                 base = task.split("/", 1)[1]
                 for name, (batch_size, grad_accum) in SPLITS.items():
-                    dataset = weighted_dataset(base)
                     out_dir = f"{tmp}/{base}-weighted-{name}"
-                    results[f"{task}/{name}"] = run(base, out_dir, batch_size, grad_accum, train_dataset=dataset)
+                    if base == "sft":
+                        import trainer_sft_tasks
+
+                        result = trainer_sft_tasks.run(out_dir, batch_size, grad_accum, sample_weights=SAMPLE_WEIGHTS)
+                    else:
+                        result = run(base, out_dir, batch_size, grad_accum, train_dataset=weighted_dataset(base))
+                    results[f"{task}/{name}"] = result
                 continue
             for name, (batch_size, grad_accum) in SPLITS.items():
                 results[f"{task}/{name}"] = run(task, f"{tmp}/{task}-{name}", batch_size, grad_accum)

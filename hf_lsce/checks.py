@@ -188,3 +188,16 @@ def check_class_weight_values(
         raise ValueError(f"{where}{name} must be finite and non-negative, got {_show(weights)}")
     if not any(value > 0 for value in values):
         raise ValueError(f"{where}{name} must not be all zero, got {_show(weights)}")
+
+
+def check_auto_switch(name: str, value: object) -> bool | str:
+    """``value`` as ``"auto"``, True or False, the values of a switch whose default decides by itself.
+
+    The strings ``"true"`` and ``"false"`` (any case, as a command line gives them) are read as the bools; anything
+    else (1 and 0 included) raises a ValueError.
+    """
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, bool) or (isinstance(value, str) and value == "auto"):
+        return value
+    raise ValueError(f"{name} must be one of 'auto', True, False, got {describe(value)}")

@@ -142,24 +142,27 @@ else:
             ``num_tokens``: tokens seen in training so far (attention-mask sum, or packed length when padding-free).
             """
             mode = "train" if self.model.training else "eval"
-            with torch.no_grad():
-                rows = logits.detach().flatten(0, -2)
-                labels = targets.flatten()
-                counted = (labels != IGNORE_INDEX).nonzero().flatten()
-                dtype = torch.promote_types(rows.dtype, torch.float32)
-                entropy_sum = torch.zeros((), dtype=dtype, device=rows.device)
-                correct = torch.zeros((), dtype=torch.long, device=rows.device)
-                for index in counted.split(_METRIC_ROWS):
-                    chunk = rows[index].to(dtype)
-                    log_p = chunk.log_softmax(-1)
-                    entropy_sum -= (log_p.exp() * log_p).sum()
-                    correct += (chunk.argmax(-1) == labels[index]).sum()
-                gather = self.accelerator.gather_for_metrics
-                num_valid = gather(counted.new_tensor(counted.numel())).sum()
-                entropy_sum = gather(entropy_sum).sum()
-                correct = gather(correct).sum()
-            self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
-            self._metrics[mode]["mean_token_accuracy"].append((correct / num_valid).item() if num_valid > 0 else 0.0)
+            gather = self.accelerator.gather_for_metrics
+            # The linear head path (fused_linear) makes no logits: entropy and accuracy are not logged there.
+            if logits is not None:
+                with torch.no_grad():
+                    rows = logits.detach().flatten(0, -2)
+                    labels = targets.flatten()
+                    counted = (labels != IGNORE_INDEX).nonzero().flatten()
+                    dtype = torch.promote_types(rows.dtype, torch.float32)
+                    entropy_sum = torch.zeros((), dtype=dtype, device=rows.device)
+                    correct = torch.zeros((), dtype=torch.long, device=rows.device)
+                    for index in counted.split(_METRIC_ROWS):
+                        chunk = rows[index].to(dtype)
+                        log_p = chunk.log_softmax(-1)
+                        entropy_sum -= (log_p.exp() * log_p).sum()
+                        correct += (chunk.argmax(-1) == labels[index]).sum()
+                    num_valid = gather(counted.new_tensor(counted.numel())).sum()
+                    entropy_sum = gather(entropy_sum).sum()
+                    correct = gather(correct).sum()
+                self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+                accuracy = (correct / num_valid).item() if num_valid > 0 else 0.0
+                self._metrics[mode]["mean_token_accuracy"].append(accuracy)
             if mode == "train":
                 if "attention_mask" in inputs:
                     num_tokens = gather(inputs["attention_mask"].sum()).sum().item()

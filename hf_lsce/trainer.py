@@ -18,9 +18,11 @@ The logic lives in `SmoothingTrainerMixin`, which any `Trainer` subclass can tak
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +34,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
+from hf_lsce.causal_lm import head_loss, resolve_linear_head
 from hf_lsce.checks import IGNORE_INDEX, check_class_weight_values, check_labels, describe
 from hf_lsce.class_weights import compute_class_weights
 from hf_lsce.fused import empty_cache
+from hf_lsce.linear import linear_label_smoothed_cross_entropy
 from hf_lsce.loss import label_smoothed_cross_entropy, mean_denominator
 from hf_lsce.training_args import SMOOTHING_OPTIONS, SmoothingArguments, SmoothingTrainingArguments
 
@@ -120,6 +124,10 @@ class SmoothingTrainerMixin:
             tasks, shifted labels for causal LMs); the weights are logged, written to ``class_weights.json`` in every
             checkpoint, and read back from it when training resumes.
         shift_labels (`bool`, *optional*): force (True) or forbid (False) the causal-LM shift; None detects it.
+        fused_linear (`bool` or `str`, *optional*): overrides ``args.fused_linear``: train a causal LM without its
+            logits (`hf_lsce.causal_lm`; the same loss and gradients, by `linear_label_smoothed_cross_entropy`). Only
+            training steps take that path: evaluation, ``predict`` and ``compute_loss(..., return_outputs=True)``
+            use the logits, and `_record_batch_metrics` then gets ``logits=None``.
     """
 
     # The arguments class the options are resolved into (a `TrainingArguments` subclass with `SmoothingArguments`).
@@ -154,6 +162,7 @@ class SmoothingTrainerMixin:
         weight_mode: str | None = None,
         class_weights: list[float] | Tensor | str | None = None,
         shift_labels: bool | None = None,
+        fused_linear: bool | str | None = None,
         **kwargs,
     ) -> None:
         if kwargs.get("compute_loss_func") is not None:
@@ -168,6 +177,7 @@ class SmoothingTrainerMixin:
             smoothing_style=smoothing_style,
             weight_mode=weight_mode,
             class_weights=class_weights,
+            fused_linear=fused_linear,
         )
         _warn_if_weights_reshape_smoothing(args)
         self.label_name = self._check_label_names(args.label_names)
@@ -197,10 +207,15 @@ class SmoothingTrainerMixin:
         self._prediction_sample_weight: Tensor | None = None
 
         self._is_encoder_decoder = False
+        self._is_causal_lm = False
         self.shift_labels = bool(shift_labels)
         self.num_classes: int | None = None
         if self.model is not None:
             self._inspect_model(shift_labels)
+        self._linear_head = None
+        if self.model is not None and (self._is_causal_lm or self.args.fused_linear is True):
+            model = self.accelerator.unwrap_model(self.model)
+            self._linear_head = resolve_linear_head(model, self.args.fused_linear, self.args.device)
 
         class_weights = self.args.class_weights
         self.class_weights_method = "balanced" if class_weights == "balanced" else "given"
@@ -259,6 +274,7 @@ class SmoothingTrainerMixin:
             )
         self._is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         is_causal = model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        self._is_causal_lm = is_causal
         self.shift_labels = is_causal if shift_labels is None else shift_labels
         generates = is_causal or self._is_encoder_decoder or self.shift_labels
         if problem_type == "regression" or (not generates and getattr(config, "num_labels", 2) == 1):
@@ -461,13 +477,19 @@ class SmoothingTrainerMixin:
             # Seq2seq models build these from `labels` inside `forward`; the labels no longer go there.
             inputs["decoder_input_ids"] = self._unwrapped_model().prepare_decoder_input_ids_from_labels(labels=labels)
         self._loss_calls += 1
-        outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         targets = self._targets(labels, shift_target)
         in_window = model.training and self._window_denominator is not None
         mode = "train" if in_window else "eval" if self._eval_totals is not None else None
         # In the window, `get_batch_samples` has checked the values already.
         sample_weight = self._check_sample_weight(sample_weight, targets, mode, check_values=not in_window)
+        if self._linear_head is not None and model.training and not return_outputs:
+            # The head's forward computes the loss from its input: no logits (see hf_lsce.causal_lm).
+            with head_loss(self._linear_head, functools.partial(self._linear_loss, targets, sample_weight)) as head:
+                model(**inputs)
+            self._record_batch_metrics(inputs, None, targets)
+            return head.loss
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         loss = self._smoothed_loss(logits, targets, in_training=model.training, sample_weight=sample_weight)
         self._record_batch_metrics(inputs, logits, targets)
 
@@ -479,15 +501,24 @@ class SmoothingTrainerMixin:
         return loss, outputs
 
     def _smoothed_loss(
-        self, logits: Tensor, targets: Tensor, in_training: bool, sample_weight: Tensor | None = None
+        self,
+        logits: Tensor | None,
+        targets: Tensor,
+        in_training: bool,
+        sample_weight: Tensor | None = None,
+        score: Callable[..., Tensor] | None = None,
     ) -> Tensor:
         """The loss of one micro-batch: normalized over the window in training, its own weighted mean elsewhere.
 
         With ``sample_weight`` (``(B,)``) every position of example b is scaled by ``sample_weight[b]``, in the sum
         and in what the mean divides by (`_denominator`). In evaluation the sums behind ``eval_loss`` and
-        ``eval_nll`` are added up as well (``eval_nll`` stays unweighted).
+        ``eval_nll`` are added up as well (``eval_nll`` stays unweighted). ``score(targets, weight, ignore_index,
+        reduction, eps, **options)`` replaces ``label_smoothed_cross_entropy(logits, ...)`` where the logits do not
+        exist (`_linear_loss`, in training only).
         """
-        weight = self._weight_on(logits.device)
+        if score is None:
+            score = functools.partial(label_smoothed_cross_entropy, logits)
+        weight = self._weight_on(targets.device)
         eps = self.args.label_smoothing
         options = {"smoothing_style": self.args.smoothing_style, "weight_mode": self.args.weight_mode}
         in_window = in_training and self._window_denominator is not None
@@ -496,17 +527,14 @@ class SmoothingTrainerMixin:
         # window has a zero sum; then every local sum is zero too, and the loss is 0 with zero gradients, no NaN.
         normalizer = self._window_denominator / self.accelerator.num_processes if in_window else None
         if sample_weight is None and in_window:
-            return label_smoothed_cross_entropy(
-                logits, targets, weight, IGNORE_INDEX, "mean", eps, normalizer=normalizer or None, validate=False,
-                **options,
-            )  # fmt: skip
+            return score(
+                targets, weight, IGNORE_INDEX, "mean", eps, normalizer=normalizer or None, validate=False, **options
+            )
         if sample_weight is None:
-            total = label_smoothed_cross_entropy(logits, targets, weight, IGNORE_INDEX, "sum", eps, **options)
+            total = score(targets, weight, IGNORE_INDEX, "sum", eps, **options)
         else:
             # reduction="none" is exact on every implementation of the loss; the weights then scale whole examples.
-            losses = label_smoothed_cross_entropy(
-                logits, targets, weight, IGNORE_INDEX, "none", eps, validate=not in_window, **options
-            )
+            losses = score(targets, weight, IGNORE_INDEX, "none", eps, validate=not in_window, **options)
             total = losses.reshape(sample_weight.shape[0], -1).sum(1) @ sample_weight.to(losses.dtype)
             if in_window:
                 return total / normalizer if normalizer else total * 0
@@ -517,6 +545,25 @@ class SmoothingTrainerMixin:
             sums = torch.stack([total.detach().double(), denominator.double(), nll.double(), count.double()])
             self._eval_totals += sums.to(self._eval_totals.device)
         return total / denominator if denominator > 0 else total * 0
+
+    def _linear_loss(
+        self,
+        targets: Tensor,
+        sample_weight: Tensor | None,
+        hidden: Tensor,
+        head_weight: Tensor,
+        head_bias: Tensor | None,
+        **head_options,
+    ) -> Tensor:
+        """`_smoothed_loss` in training, from the head's input and parameters (``head_options``: the head's logit
+        scale or soft cap) by `linear_label_smoothed_cross_entropy`."""
+
+        def score(target, weight, *args, **options):
+            return linear_label_smoothed_cross_entropy(
+                hidden, head_weight, target, head_bias, weight, *args, **options, **head_options
+            )
+
+        return self._smoothed_loss(None, targets, True, sample_weight, score)
 
     def _record_batch_metrics(self, inputs: dict[str, Tensor], logits: Tensor, targets: Tensor) -> None:
         """Called after each loss with the model's inputs (labels removed), logits and targets; a hook for subclasses

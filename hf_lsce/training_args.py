@@ -14,10 +14,17 @@ from enum import Enum
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
-from hf_lsce.checks import DEFAULT_LABEL_SMOOTHING, SMOOTHING_STYLES, WEIGHT_MODES, check_choice, check_number
+from hf_lsce.checks import (
+    DEFAULT_LABEL_SMOOTHING,
+    SMOOTHING_STYLES,
+    WEIGHT_MODES,
+    check_auto_switch,
+    check_choice,
+    check_number,
+)
 from hf_lsce.class_weights import check_class_weights
 
-SMOOTHING_OPTIONS = ("label_smoothing", "smoothing_style", "weight_mode", "class_weights")
+SMOOTHING_OPTIONS = ("label_smoothing", "smoothing_style", "weight_mode", "class_weights", "fused_linear")
 # Metrics this library reports (``eval_nll`` from the trainer, the rest from `hf_lsce.evaluation`) for which lower is
 # better. Transformers minimizes only names ending in "loss" when ``greater_is_better`` is unset.
 MINIMIZED_METRICS = ("nll", "ece", "brier", "aurc", "error_at_80_coverage")
@@ -51,6 +58,12 @@ class SmoothingArguments:
         class_weights (`list[float]` or `str`, *optional*): one non-negative weight per class; ``"balanced"`` to
             compute ``w_c = n / (K * n_c)`` from the training set (see `hf_lsce.compute_class_weights`); None for
             no weights.
+        fused_linear (`bool` or `str`, *optional*, defaults to `"auto"`): train a causal LM without its logits:
+            each training step feeds the hidden states that enter the output head and the head's parameters to
+            `hf_lsce.linear_label_smoothed_cross_entropy` (same loss, gradients and normalization; no (tokens,
+            vocabulary) tensor). True requires it (a model whose head it cannot reproduce raises at construction),
+            False never uses it, ``"auto"`` uses it on CPU for supported models whose vocabulary has at least
+            `hf_lsce.causal_lm.LINEAR_MIN_VOCABULARY` entries. Evaluation and ``predict`` keep the logits.
 
     Model selection: ``metric_for_best_model`` naming a metric where lower is better (``nll``, ``ece``, ``brier``,
     ``aurc`` or ``error_at_80_coverage``, with or without the ``eval_`` prefix) resolves an unset
@@ -95,6 +108,17 @@ class SmoothingArguments:
         },
     )
 
+    # A str field, so that HfArgumentParser passes "auto", "true" or "false" through; `__post_init__` makes the
+    # latter two bools.
+    fused_linear: str = field(
+        default="auto",
+        metadata={
+            "help": "Train causal LMs without their logits (hidden states and head straight into the loss): 'auto' "
+            "(on CPU for supported models with a large vocabulary), true (required; unsupported models raise) or "
+            "false."
+        },
+    )
+
     def __post_init__(self):
         if self.greater_is_better is None and is_minimized_metric(self.metric_for_best_model):
             # Decided before the base class, which would resolve it to True (not a name ending in "loss").
@@ -127,6 +151,7 @@ class SmoothingArguments:
         check_choice("smoothing_style", self.smoothing_style, SMOOTHING_STYLES)
         check_choice("weight_mode", self.weight_mode, WEIGHT_MODES)
         self.class_weights = check_class_weights(self.class_weights)
+        self.fused_linear = check_auto_switch("fused_linear", self.fused_linear)
 
     @classmethod
     def from_arguments(cls, args: TrainingArguments | None, **options) -> SmoothingArguments:

@@ -19,6 +19,7 @@ from hf_lsce import (
     SmoothingTrainingArguments,
     compute_class_weights,
 )
+from hf_lsce.training_args import SMOOTHING_OPTIONS
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import trainer_tasks as tasks  # noqa: E402
@@ -71,7 +72,7 @@ def test_arguments_defaults_and_help(tmp_path):
         "example",
         None,
     )
-    for name in ("label_smoothing", "smoothing_style", "weight_mode", "class_weights"):
+    for name in SMOOTHING_OPTIONS:
         assert SmoothingTrainingArguments.__dataclass_fields__[name].metadata["help"]
 
 
@@ -311,7 +312,7 @@ def test_plain_arguments_are_converted_with_every_field(tmp_path):
     assert type(args) is SmoothingTrainingArguments
     assert args.hub_token == "secret-token"  # `to_dict()` hides it; the conversion must not lose it
     converted, original = args.to_dict(), plain.to_dict()
-    for name in ("label_smoothing", "smoothing_style", "weight_mode", "class_weights"):
+    for name in SMOOTHING_OPTIONS:
         converted.pop(name)
     assert converted.pop("label_smoothing_factor") == 0.0 and original.pop("label_smoothing_factor") == 0.05
     assert converted == original

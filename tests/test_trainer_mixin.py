@@ -14,6 +14,7 @@ from hf_lsce import (
     SmoothingTrainer,
     SmoothingTrainerMixin,
 )
+from hf_lsce.training_args import SMOOTHING_OPTIONS
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 import trainer_tasks as tasks  # noqa: E402
@@ -80,7 +81,7 @@ def references_seq_cls():
 
 def _seq2seq_args(tmp_path, cls=SmoothingSeq2SeqTrainingArguments, **kwargs):
     common = tasks.training_args(tmp_path, 2, 4).to_dict()
-    for name in ("label_smoothing", "smoothing_style", "weight_mode", "class_weights", "label_smoothing_factor"):
+    for name in (*SMOOTHING_OPTIONS, "label_smoothing_factor"):
         common.pop(name)
     if cls is SmoothingSeq2SeqTrainingArguments:
         kwargs = {"label_smoothing": tasks.EPSILON, "weight_mode": "torch", **kwargs}

@@ -90,6 +90,17 @@ def test_torch_weight_mode_and_no_weights(tmp_path):
         _check_equal(lt.run("llama", tmp_path / "lin", 2, 4, **kwargs), reference)
 
 
+def test_sample_weights(tmp_path, references):
+    """Per-example weights (a ``sample_weight`` column) scale every position of their example on both paths."""
+    data = tasks.weighted_dataset("causal_lm")
+    reference = lt.run("llama", tmp_path / "ref", 8, 1, fused_linear=False, train_dataset=data)
+    assert abs(reference["loss"] - references("llama")["loss"]) > 1e-3
+    for batch_size, grad_accum in ((8, 1), (2, 4)):
+        result = lt.run("llama", tmp_path / f"{batch_size}", batch_size, grad_accum, train_dataset=data)
+        assert result["head_widths"] == [1] * grad_accum
+        _check_equal(result, reference)
+
+
 def test_resume(tmp_path):
     """4 steps with a checkpoint at 2, resumed on the linear path = the logits path throughout."""
     common = {"save_strategy": "steps", "save_steps": 2, "steps": 4}

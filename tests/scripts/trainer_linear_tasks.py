@@ -88,8 +88,8 @@ class HeadOutputs(TrainerCallback):
         head.register_forward_hook(lambda module, args, output: self.widths.append(output.shape[-1]))
 
 
-def run(name: str, output_dir, batch_size: int, grad_accum: int, *, fused_linear=True, weight_mode="example",
-        net=None, resume_from_checkpoint=None, data_collator=None, **args_kwargs) -> dict:  # fmt: skip
+def run(name: str, output_dir, batch_size: int, grad_accum: int, *, fused_linear=True, weight_mode="example", net=None,
+        resume_from_checkpoint=None, data_collator=None, train_dataset=None, **args_kwargs) -> dict:  # fmt: skip
     """Trains `SmoothingTrainer` (one step unless ``steps`` is given); the loss, the last step's gradients, the
     parameters after training and the widths of the head's outputs."""
     net = model(name) if net is None else net
@@ -101,7 +101,7 @@ def run(name: str, output_dir, batch_size: int, grad_accum: int, *, fused_linear
         output_dir, batch_size, grad_accum, fused_linear=fused_linear, weight_mode=weight_mode, **args_kwargs
     )
     trainer = tasks.OrderedSmoothingTrainer(
-        model=net, args=args, train_dataset=tasks.examples("causal_lm"),
+        model=net, args=args, train_dataset=train_dataset or tasks.examples("causal_lm"),
         data_collator=data_collator or tasks.collator("causal_lm"), callbacks=[recorder],
     )  # fmt: skip
     output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)

@@ -6,7 +6,9 @@ raise an ImportError that says so when they are used.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import types
 from dataclasses import dataclass
 
 import torch
@@ -27,23 +29,45 @@ else:
 _METRIC_ROWS = 1024
 
 
-class _CarrySampleWeight:
-    """A TRL collator that also returns the examples' ``sample_weight`` as a ``(B,)`` fp64 tensor.
+def _split_sample_weight(examples: list[dict]) -> tuple[list[dict], Tensor | None]:
+    """The examples without ``sample_weight``, and the weights as a ``(B,)`` fp64 tensor (None when none has one)."""
+    weights = [example.get(SAMPLE_WEIGHT_KEY) for example in examples]
+    stripped = [{k: v for k, v in example.items() if k != SAMPLE_WEIGHT_KEY} for example in examples]
+    if all(weight is None for weight in weights):
+        return stripped, None
+    if any(weight is None for weight in weights):
+        raise ValueError(f"{SAMPLE_WEIGHT_KEY} is None for some examples of a batch: give every example a weight")
+    return stripped, torch.tensor(weights, dtype=torch.float64)
 
-    TRL's collators build their batch from the keys they know and drop any other.
+
+class _CarriesSampleWeight:
+    """Mixed into a collator's own class: its batches also hold the examples' ``sample_weight``.
+
+    TRL's collators build their batch from the keys they know and drop any other. A subclass (rather than a wrapper)
+    keeps ``isinstance`` checks on the collator, which TRL makes, true.
     """
 
-    def __init__(self, collator) -> None:
-        self.collator = collator
+    def __call__(self, examples: list[dict], *args, **kwargs) -> dict:
+        stripped, weights = _split_sample_weight(examples)
+        batch = super().__call__(stripped, *args, **kwargs)
+        return batch if weights is None else {**batch, SAMPLE_WEIGHT_KEY: weights}
 
-    def __call__(self, examples: list[dict]) -> dict:
-        weights = [example.get(SAMPLE_WEIGHT_KEY) for example in examples]
-        batch = self.collator([{k: v for k, v in example.items() if k != SAMPLE_WEIGHT_KEY} for example in examples])
-        if all(weight is None for weight in weights):
-            return batch
-        if any(weight is None for weight in weights):
-            raise ValueError(f"{SAMPLE_WEIGHT_KEY} is None for some examples of a batch: give every example a weight")
-        return {**batch, SAMPLE_WEIGHT_KEY: torch.tensor(weights, dtype=torch.float64)}
+
+def _carrying_sample_weight(collator):
+    """``collator`` (a copy) whose batches keep ``sample_weight``; a plain function is wrapped instead."""
+    if isinstance(collator, _CarriesSampleWeight):
+        return collator
+    if isinstance(collator, types.FunctionType):
+
+        def collate(examples: list[dict]) -> dict:
+            stripped, weights = _split_sample_weight(examples)
+            batch = collator(stripped)
+            return batch if weights is None else {**batch, SAMPLE_WEIGHT_KEY: weights}
+
+        return collate
+    carrier = copy.copy(collator)
+    carrier.__class__ = type(type(collator).__name__, (_CarriesSampleWeight, type(collator)), {})
+    return carrier
 
 
 def _has_sample_weight_column(dataset) -> bool:
@@ -119,7 +143,7 @@ else:
                     "padding_free=False, or drop the column"
                 )
             super().__init__(model, args, *trainer_args, **kwargs)
-            self.data_collator = _CarrySampleWeight(self.data_collator)
+            self.data_collator = _carrying_sample_weight(self.data_collator)
             if self.aux_loss_enabled:
                 raise ValueError(
                     "SmoothingSFTTrainer does not add a mixture-of-experts router loss; set router_aux_loss_coef=0 in "

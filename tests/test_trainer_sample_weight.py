@@ -336,3 +336,21 @@ def test_a_later_training_run_may_change_whether_batches_have_weights(tmp_path):
     trainer.train_dataset = tasks.examples("seq_cls")
     trainer.train()
     assert trainer._sample_weight_presence["train"] is False
+
+
+def test_sft_collator_keeps_its_class(tmp_path):
+    """TRL checks `isinstance(trainer.data_collator, DataCollatorForLanguageModeling)`: still true with the weights."""
+    pytest.importorskip("trl")
+    import trainer_sft_tasks as sft
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    trainer = sft.OrderedSmoothingSFTTrainer(
+        model=sft.model(), args=sft.config(tmp_path, 8, 1), train_dataset=sft.dataset(WEIGHTS),
+        processing_class=sft.tokenizer(),
+    )  # fmt: skip
+    assert isinstance(trainer.data_collator, DataCollatorForLanguageModeling)
+    examples = [trainer.train_dataset[i] for i in range(3)]
+    batch = trainer.data_collator(examples)
+    assert batch["sample_weight"].tolist() == list(WEIGHTS[:3]) and "input_ids" in batch
+    with pytest.raises(ValueError, match="sample_weight is None for some examples of a batch"):
+        trainer.data_collator([*examples[:2], {**examples[2], "sample_weight": None}])

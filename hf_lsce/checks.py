@@ -90,7 +90,7 @@ def check_number(
 def check_device(name: str, value: object, device: torch.device, *, other: str = "input") -> None:
     """Raises a ValueError if ``value`` is a tensor on another device than ``device``, that of the tensor ``other``."""
     if isinstance(value, Tensor) and value.device != device:
-        raise ValueError(f"{name} must be on the device of {other} ({device}), got a tensor on {value.device}")
+        raise ValueError(f"{name} must be on {other}'s device {device}, got {value.device}")
 
 
 def check_labels(
@@ -134,6 +134,43 @@ def vmap_active() -> bool:
     except ImportError:  # private modules; without them, assume the transform might be vmap
         return True
     return any(interpreter.key() == TransformType.Vmap for interpreter in retrieve_all_functorch_interpreters())
+
+
+def check_loss_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index) -> None:
+    """Checks the loss's arguments that do not depend on tensors (the loss functions and their modules)."""
+    check_number("label_smoothing", label_smoothing, low=0, high=1)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("smoothing_style", smoothing_style, SMOOTHING_STYLES)
+    check_choice("weight_mode", weight_mode, WEIGHT_MODES)
+    if not is_integer(ignore_index):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raises unless every label is a class or ``ignore_index`` (every probability finite and non-negative)."""
+    if target.is_floating_point():
+        if not bool(((target >= 0) & torch.isfinite(target)).all()):
+            raise ValueError("probability target must be finite and non-negative")
+        return
+    check_labels(target, num_classes, ignore_index, name="target")
+
+
+def check_normalizer(normalizer, reduction: str, validate: bool) -> None:
+    """Raises unless ``normalizer`` is None, or a number or 0-d tensor > 0 (its value read only with ``validate``)
+    given with ``reduction="mean"``."""
+    if normalizer is None:
+        return
+    if reduction != "mean":
+        raise ValueError(f"normalizer replaces the denominator of reduction='mean', got reduction={reduction!r}")
+    if isinstance(normalizer, Tensor):
+        if normalizer.dim() != 0:
+            raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
+        if validate:
+            check_number("normalizer", normalizer.item(), low=0, low_open=True)
+    elif is_real(normalizer):
+        check_number("normalizer", normalizer, low=0, low_open=True)
+    else:
+        raise TypeError(f"normalizer must be a number or a 0-d tensor, got {describe(normalizer)}")
 
 
 def _show(weights: Tensor | Sequence) -> str:

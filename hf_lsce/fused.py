@@ -34,6 +34,7 @@ import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -58,35 +59,67 @@ MIN_CHUNKS_PER_THREAD = 16
 FUSED_MIN_CLASSES = 64
 
 
+class FusedOptions(NamedTuple):
+    """The fused path's options, validated by the caller (`label_smoothed_cross_entropy`).
+
+    The smoothed target is ``q = a * one_hot(y) + b`` for class indices and ``a * t + b * sum(t)`` for
+    probabilities ``t``; ``weight_mode`` is ``"torch"`` or ``"example"``; ``inplace`` writes the gradient into the
+    logits' buffer; ``chunk_bytes`` is the size of one fp32 (fp64) chunk of rows (at least one row is processed at a
+    time), None for `DEFAULT_CHUNK_BYTES`.
+    """
+
+    ignore_index: int
+    reduction: str
+    a: float
+    b: float
+    weight_mode: str
+    inplace: bool = False
+    chunk_bytes: int | None = None
+
+
+class RowTerms(NamedTuple):
+    """Per-row factors of the loss ``U lse - sum_c u_c x_c`` (module docstring), one entry per row.
+
+    ``target`` is the column of class indices (N, 1) or the probabilities (N, K); ``valid`` marks the rows that
+    count (None for probabilities, whose rows summing to 0 have all-zero factors); ``picked`` is the coefficient of
+    ``x_y`` (of ``sum_c t_c v_c x_c`` for probabilities), ``spread`` that of ``sum_c v_c x_c``, ``total`` is ``U``.
+    """
+
+    target: Tensor
+    valid: Tensor | None
+    picked: Tensor
+    spread: Tensor
+    total: Tensor
+
+
+class GradientFactors(NamedTuple):
+    """Columns (rows x 1) of per-row factors already scaled by the reduction, from which `process_chunk` writes the
+    gradient ``total * p - picked * target * v - spread * v``; ``spread`` is None when ``b = 0``."""
+
+    total: Tensor
+    picked: Tensor  # negated
+    spread: Tensor | None
+
+    def rows(self, start: int, end: int) -> GradientFactors:
+        """The factors of rows ``start:end``."""
+        spread = None if self.spread is None else self.spread[start:end]
+        return GradientFactors(self.total[start:end], self.picked[start:end], spread)
+
+
 def fused_cross_entropy(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    denominator: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    a: float,
-    b: float,
-    weight_mode: str,
-    inplace_backward: bool = False,
-    chunk_bytes: int | None = None,
+    input: Tensor, target: Tensor, weight: Tensor | None, denominator: Tensor | None, options: FusedOptions
 ) -> Tensor:
     """Fused loss on validated arguments; `label_smoothed_cross_entropy` with ``implementation="fused"`` calls it.
 
     Args:
-        input (`torch.Tensor` of shape `(..., K)`): logits. With ``inplace_backward=True`` and a gradient needed,
-            its buffer is overwritten by the gradient (when it is contiguous; otherwise a reshaped copy is).
+        input (`torch.Tensor` of shape `(..., K)`): logits. With ``options.inplace`` and a gradient needed, its
+            buffer is overwritten by the gradient (when it is contiguous; otherwise a reshaped copy is).
         target (`torch.Tensor`): class indices `(...)` or probabilities `(..., K)`, which get no gradient.
         weight (`torch.Tensor` of shape `(K,)`, *optional*): class weights, which get no gradient.
         denominator (`torch.Tensor`, *optional*): 0-d, what ``reduction="mean"`` divides by (0 gives a 0 loss and
             zero gradients); None for the other reductions.
-        ignore_index (`int`): label of positions that count nowhere.
-        reduction (`str`): ``"mean"``, ``"sum"`` or ``"none"``.
-        a (`float`), b (`float`): the smoothed target is ``q = a * one_hot(y) + b`` (``a * t + b * sum(t)``).
-        weight_mode (`str`): ``"torch"`` or ``"example"``.
-        inplace_backward (`bool`, *optional*, defaults to `False`): write the gradient into the logits' buffer.
-        chunk_bytes (`int`, *optional*): bytes of one fp32 (fp64) chunk of rows; at least one row is processed at a
-            time. Defaults to `DEFAULT_CHUNK_BYTES`.
+        options (`FusedOptions`): ``ignore_index``, ``reduction``, the smoothing ``a`` and ``b``, ``weight_mode``,
+            ``inplace`` and ``chunk_bytes``.
     """
     if functorch_transforms_active():
         raise ValueError(
@@ -102,74 +135,47 @@ def fused_cross_entropy(
     # Function.apply reports requires_grad even under torch.no_grad(): the gradient (and the overwrite) is skipped
     # only if we ask.
     need_grad = torch.is_grad_enabled() and input.requires_grad
-    return _FusedCrossEntropy.apply(
-        input,
-        target,
-        weight,
-        denominator,
-        ignore_index,
-        reduction,
-        a,
-        b,
-        weight_mode,
-        inplace_backward,
-        chunk_bytes,
-        need_grad,
-    )
+    return _FusedCrossEntropy.apply(input, target, weight, denominator, options, need_grad)
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx,
-        input,
-        target,
-        weight,
-        denominator,
-        ignore_index,
-        reduction,
-        a,
-        b,
-        weight_mode,
-        inplace,
-        chunk_bytes,
-        need_grad,
-    ):
+    def forward(ctx, input, target, weight, denominator, options: FusedOptions, need_grad: bool):
         num_classes = input.shape[-1]
         dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
         w = None if weight is None else weight.to(dtype)
         # Folding 1 / denominator into the gradient here leaves nothing to do in backward for loss.backward(). The
         # same safe rule as the reference path's `_safe_divide`: a 0 denominator gives 0 and zero gradients.
         scale = None
-        if reduction == "mean":
+        if options.reduction == "mean":
             positive = denominator > 0
             scale = torch.where(positive, 1 / torch.where(positive, denominator, 1), 0).to(dtype)
 
+        a, b, weight_mode = options.a, options.b, options.weight_mode
         if target.is_floating_point():
-            terms = _probability_terms(target.reshape(-1, num_classes), w, a, b, weight_mode, dtype)
+            terms = probability_terms(target.reshape(-1, num_classes), w, a, b, weight_mode, dtype)
         else:
-            terms = _index_terms(target.reshape(-1), w, ignore_index, num_classes, a, b, weight_mode, dtype)
+            terms = index_terms(target.reshape(-1), w, options.ignore_index, num_classes, a, b, weight_mode, dtype)
         # Only a weight that varies over the classes needs a product with the chunk; otherwise v is per row.
         class_weight = w if w is not None and weight_mode == "torch" else None
         factors = None
         if need_grad:
             # The gradient's per-row factors, scaled once here rather than per chunk.
             s = 1 if scale is None else scale
-            spread_factor = None if b == 0 else (terms["spread"] * s)[:, None]
-            factors = ((terms["total"] * s)[:, None], (-terms["picked"] * s)[:, None], spread_factor)
+            spread_factor = None if b == 0 else (terms.spread * s)[:, None]
+            factors = GradientFactors((terms.total * s)[:, None], (-terms.picked * s)[:, None], spread_factor)
 
         x = input.detach().reshape(-1, num_classes)
         num_rows = x.shape[0]
-        step = max(1, (chunk_bytes or DEFAULT_CHUNK_BYTES) // (num_classes * dtype.itemsize))
+        step = max(1, (options.chunk_bytes or DEFAULT_CHUNK_BYTES) // (num_classes * dtype.itemsize))
         # fp32 (fp64) logits are computed where the gradient goes; others through a chunk-sized buffer per thread,
         # so no full-size copy of bf16/fp16 logits is ever made.
         direct = need_grad and x.dtype == dtype
         grad = None
         if need_grad:
-            grad = x if inplace else _gradient_buffer(x)
+            grad = x if options.inplace else _gradient_buffer(x)
         # Per row: sum_c target_c x_c, sum_c v_c x_c, max_c x_c and max_c p_c, filled chunk by chunk.
         stats = torch.empty(4, num_rows, 1, dtype=dtype, device=x.device)
-        target_rows = terms["target"]
         inference = torch.is_inference_mode_enabled()
 
         def work(starts):
@@ -188,52 +194,52 @@ class _FusedCrossEntropy(torch.autograd.Function):
                     if source.dtype != dtype:
                         # The chunk's fp32 copy; softmax has no fp32 output for half input on CPU.
                         source = z.copy_(source)
-                    _chunk(
+                    process_chunk(
                         source,
                         z,
-                        target_rows[start:end],
+                        terms.target[start:end],
                         class_weight,
                         stats[:, start:end],
                         b != 0,
-                        factors and [None if f is None else f[start:end] for f in factors],
+                        None if factors is None else factors.rows(start, end),
                     )
                     if need_grad and not direct:
                         grad[start:end].copy_(z)
 
         _run_chunks(range(0, num_rows, step), work, x.device)
-        if need_grad and terms["valid"] is not None:
+        if need_grad and terms.valid is not None:
             # An ignored row's factors are 0, but 0 times the softmax of a row holding NaN or inf is NaN: its
             # gradient is set to exactly 0 (a pass over the ignored rows only).
-            grad.index_fill_(0, (~terms["valid"]).nonzero().squeeze(1), 0)
+            grad.index_fill_(0, (~terms.valid).nonzero().squeeze(1), 0)
 
         picked, spread, top, peak = stats.squeeze(2)
         # At the row's maximum p = exp(max - lse) >= 1 / K: this log-sum-exp loses nothing to underflow.
-        losses = terms["total"] * (top - peak.log()) - terms["picked"] * picked
+        losses = terms.total * (top - peak.log()) - terms.picked * picked
         if b:
-            losses -= terms["spread"] * spread
-        if terms["valid"] is not None:
+            losses -= terms.spread * spread
+        if terms.valid is not None:
             # Ignored rows cost 0 whatever their logits (inf or NaN included), as in the reference path.
-            losses = torch.where(terms["valid"], losses, 0)
+            losses = torch.where(terms.valid, losses, 0)
 
         ctx.grad = grad
-        ctx.reduction = reduction
+        ctx.reduction = options.reduction
         ctx.input_shape = input.shape
-        if need_grad and not inplace:
+        if need_grad and not options.inplace:
             # Read only by a backward pass that builds a graph (create_graph=True, `_gradient_graph`). Saving the
             # logits keeps them alive until the backward pass, no longer than the gradient they are as large as.
             ctx.save_for_backward(input)
             ctx.graph_terms = (terms, class_weight, scale, dtype)
-        if reduction == "none":
+        if options.reduction == "none":
             return losses.reshape(input.shape[:-1])
         total = losses.sum()
-        return total if reduction == "sum" else total * scale
+        return total if options.reduction == "sum" else total * scale
 
     @staticmethod
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():
             # create_graph=True (e.g. a gradient penalty): the stored gradient would be a constant to autograd, so
             # the second-order term would be lost; it is recomputed from the logits with differentiable operations.
-            return (_gradient_graph(ctx, grad_output),) + (None,) * 11
+            return _gradient_graph(ctx, grad_output), None, None, None, None, None
         grad = ctx.grad
         if grad is None:
             raise RuntimeError(
@@ -242,14 +248,15 @@ class _FusedCrossEntropy(torch.autograd.Function):
             )
         # The stored gradient is handed over (scaled in place) unless the graph is kept for another backward pass,
         # where it must stay intact, at the cost of a new tensor.
-        keep = _keep_graph()
+        keep = keep_graph()
         if not keep:
             ctx.grad = None
         scale = grad_output.reshape(-1, 1) if ctx.reduction == "none" else grad_output
         # One host read here (not in the loop) saves a full pass over the gradient in the usual case, a scalar 1.
         if ctx.reduction == "none" or not bool(grad_output == 1):
             grad = grad * scale if keep else grad.mul_(scale)
-        return (grad.view(ctx.input_shape),) + (None,) * 11
+        # One gradient per argument of forward: input, target, weight, denominator, options, need_grad.
+        return grad.view(ctx.input_shape), None, None, None, None, None
 
 
 def _gradient_graph(ctx, grad_output: Tensor) -> Tensor:
@@ -267,17 +274,16 @@ def _gradient_graph(ctx, grad_output: Tensor) -> Tensor:
     terms, class_weight, scale, dtype = ctx.graph_terms
     num_classes = input.shape[-1]
     x = input.reshape(-1, num_classes).to(dtype)
-    if terms["valid"] is not None:
+    if terms.valid is not None:
         # Ignored rows get exactly 0, whatever their logits hold (a NaN row would make p, and 0 * p, NaN).
-        x = torch.where(terms["valid"][:, None], x, 0)
+        x = torch.where(terms.valid[:, None], x, 0)
     v = x.new_ones(num_classes) if class_weight is None else class_weight
-    u = terms["spread"][:, None] * v
-    target = terms["target"]
-    if target.is_floating_point():
-        u = u + terms["picked"][:, None] * target.to(dtype) * v
+    u = terms.spread[:, None] * v
+    if terms.target.is_floating_point():
+        u = u + terms.picked[:, None] * terms.target.to(dtype) * v
     else:
-        u = u.scatter_add(1, target, terms["picked"][:, None])
-    grad = terms["total"][:, None] * torch.softmax(x, 1) - u
+        u = u.scatter_add(1, terms.target, terms.picked[:, None])
+    grad = terms.total[:, None] * torch.softmax(x, 1) - u
     if scale is not None:
         grad = grad * scale
     grad = grad * (grad_output.reshape(-1, 1) if ctx.reduction == "none" else grad_output)
@@ -325,19 +331,19 @@ _SPARE: torch.UntypedStorage | None = None
 _SPARE_LOCK = threading.Lock()
 
 
-def _keep_graph() -> bool:
+def keep_graph() -> bool:
     """Whether the running backward pass keeps the graph (``retain_graph=True``, e.g. in gradcheck)."""
     # A private accessor; a torch without it gets the fast path: the gradient over, and a second backward pass raises.
     getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return bool(getter()) if getter is not None else False
 
 
-def _index_terms(y, w, ignore_index, num_classes, a, b, weight_mode, dtype):
-    """Per-row factors for class indices: ``u = g * one_hot(y) + b * r * v`` with ``U = sum_c u_c = total``.
+def index_terms(y, w, ignore_index, num_classes, a, b, weight_mode, dtype) -> RowTerms:
+    """Per-row factors for class indices ``y`` (N,): ``u = g * one_hot(y) + b * r * v`` with ``U = sum_c u_c``.
 
-    ``v`` is the weight vector in weight_mode="torch" (``r`` is then the 0/1 validity) and 1 otherwise (``r`` then
-    carries ``w_y``); ignored rows have ``g = r = total = 0``. Returned as the coefficients of `_chunk`'s sums:
-    ``picked = g`` (of ``x_y``) and ``spread = b * r`` (of ``sum_c v_c x_c``).
+    ``v`` is the weight vector ``w`` in weight_mode="torch" (``r`` is then the 0/1 validity) and 1 otherwise (``r``
+    then carries ``w_y``); ignored rows have ``g = r = U = 0``. Returned as the coefficients of `process_chunk`'s
+    sums: ``picked = g`` (of ``x_y``) and ``spread = b * r`` (of ``sum_c v_c x_c``).
     """
     valid = y != ignore_index
     y = y.where(valid, 0)
@@ -346,13 +352,13 @@ def _index_terms(y, w, ignore_index, num_classes, a, b, weight_mode, dtype):
         w_y = w[y] * r
         if weight_mode == "torch":
             total = a * w_y + b * w.sum() * r
-            return {"target": y[:, None], "valid": valid, "picked": a * w_y, "spread": b * r, "total": total}
+            return RowTerms(y[:, None], valid, picked=a * w_y, spread=b * r, total=total)
         r = w_y
     total = (a + b * num_classes) * r
-    return {"target": y[:, None], "valid": valid, "picked": a * r, "spread": b * r, "total": total}
+    return RowTerms(y[:, None], valid, picked=a * r, spread=b * r, total=total)
 
 
-def _probability_terms(t, w, a, b, weight_mode, dtype):
+def probability_terms(t, w, a, b, weight_mode, dtype) -> RowTerms:
     """Per-row factors for probabilities: ``u = alpha * t * v + beta * v`` with ``U = sum_c u_c = total``.
 
     ``v`` is the weight vector in weight_mode="torch" and 1 otherwise (example mode puts ``r = w . t`` into
@@ -363,22 +369,21 @@ def _probability_terms(t, w, a, b, weight_mode, dtype):
     mass = t.sum(-1, dtype=dtype)
     alpha = torch.full_like(mass, a)
     if w is None:
-        return {"target": t, "valid": None, "picked": alpha, "spread": b * mass, "total": (a + b * num_classes) * mass}
+        return RowTerms(t, None, picked=alpha, spread=b * mass, total=(a + b * num_classes) * mass)
     # One extra pass over the targets; probability targets are as large as the logits anyway.
     r = t.to(dtype) @ w
     if weight_mode == "torch":
-        return {"target": t, "valid": None, "picked": alpha, "spread": b * mass, "total": a * r + b * w.sum() * mass}
+        return RowTerms(t, None, picked=alpha, spread=b * mass, total=a * r + b * w.sum() * mass)
     total = (a + b * num_classes) * mass * r
-    return {"target": t, "valid": None, "picked": a * r, "spread": b * mass * r, "total": total}
+    return RowTerms(t, None, picked=a * r, spread=b * mass * r, total=total)
 
 
-def _chunk(x, z, target, w, stats, spread, factors):
+def process_chunk(x, z, target, w, stats, spread, factors) -> None:
     """One chunk of rows: fills ``stats`` (4 x rows x 1) and, with ``factors``, writes the gradient into ``z``.
 
     ``stats`` receives ``sum_c target_c v_c x_c`` (``x_y`` for class indices), ``sum_c v_c x_c`` (when ``spread``),
     ``max_c x_c`` and ``max_c softmax(x)_c``; ``v`` is ``w`` or 1. ``z`` (which may be ``x`` itself) receives
-    ``softmax(x)``, then with ``factors = (total, -picked, spread)``, columns of per-row factors already scaled by
-    the reduction, the gradient ``total * p - picked * target * v - spread * v``.
+    ``softmax(x)``, then with `GradientFactors` (or any ``(total, -picked, spread)`` of columns) the gradient.
     """
     picked, spread_sum, top, peak = stats
     if target.is_floating_point():

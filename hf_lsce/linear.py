@@ -37,15 +37,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from hf_lsce.checks import IGNORE_INDEX, check_class_weight_values, check_number, describe
-from hf_lsce.fused import _chunk, _index_terms, _keep_graph
-from hf_lsce.loss import (
-    _check_normalizer,
-    _check_options,
-    _check_target_values,
-    _smoothing_coefficients,
-    mean_denominator,
+from hf_lsce.checks import (
+    IGNORE_INDEX,
+    check_class_weight_values,
+    check_loss_options,
+    check_normalizer,
+    check_number,
+    check_target_values,
+    describe,
 )
+from hf_lsce.fused import index_terms, keep_graph, process_chunk
+from hf_lsce.loss import mean_denominator, smoothing_coefficients
 
 # The default tile holds as many logits as this many rows of the vocabulary (with their bf16/fp16 copy and the
 # soft-cap's derivative when there are some): 128 MiB of fp32 logits at V = 131072, whatever the number of tokens.
@@ -136,13 +138,13 @@ def linear_label_smoothed_cross_entropy(
         `torch.Tensor`: 0-d for ``"mean"`` and ``"sum"``, ``target``'s shape for ``"none"``; fp32 (fp64 for fp64
         inputs).
     """
-    _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
+    check_loss_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
     _check_head_tensors(hidden, head_weight, head_bias, target)
     num_classes = head_weight.shape[0]
     _check_class_weight(class_weight, num_classes, hidden.device, validate)
     if isinstance(normalizer, Tensor) and normalizer.device != hidden.device:
         raise ValueError(f"normalizer must be on hidden's device {hidden.device}, got {normalizer.device}")
-    _check_normalizer(normalizer, reduction, validate)
+    check_normalizer(normalizer, reduction, validate)
     _check_head_options(logit_softcap, logit_scale, chunk_bytes, recompute, reduction)
     for name, tensor in (("class_weight", class_weight), ("normalizer", normalizer)):
         if isinstance(tensor, Tensor) and tensor.requires_grad:
@@ -154,9 +156,9 @@ def linear_label_smoothed_cross_entropy(
     if labels.dtype != torch.int64:
         labels = labels.long()
     if validate:
-        _check_target_values(labels, num_classes, ignore_index)
+        check_target_values(labels, num_classes, ignore_index)
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    a, b = _smoothing_coefficients(num_classes, label_smoothing, smoothing_style)
+    a, b = smoothing_coefficients(num_classes, label_smoothing, smoothing_style)
     if reduction == "mean":
         denominator = (
             mean_denominator(labels, class_weight, ignore_index, weight_mode=weight_mode)
@@ -230,7 +232,7 @@ class LinearLabelSmoothedCrossEntropyLoss(nn.Module):
         recompute: bool | None = None,
     ) -> None:
         super().__init__()
-        _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
+        check_loss_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
         _check_head_options(logit_softcap, logit_scale, chunk_bytes, recompute, reduction)
         _check_class_weight(class_weight, None, None, validate=True)
         self.register_buffer("class_weight", class_weight)
@@ -383,7 +385,7 @@ class _Options:
 
 @dataclass(frozen=True)
 class _Rows:
-    """The rows that count (label not ignore_index) and their per-row factors (`hf_lsce.fused._index_terms`)."""
+    """The rows that count (label not ignore_index) and their per-row factors (`hf_lsce.fused.index_terms`)."""
 
     index: Tensor | None  # positions of the counted rows among all rows; None when every row counts
     target: Tensor  # (M, 1) class index of each counted row
@@ -400,7 +402,7 @@ class _Rows:
 
 
 def _counted_rows(labels: Tensor, class_weight: Tensor | None, options: _Options) -> _Rows:
-    terms = _index_terms(
+    terms = index_terms(
         labels,
         class_weight,
         options.ignore_index,
@@ -410,11 +412,10 @@ def _counted_rows(labels: Tensor, class_weight: Tensor | None, options: _Options
         options.weight_mode,
         options.dtype,
     )
-    valid = terms["valid"]
-    if bool(valid.all()):
-        return _Rows(None, terms["target"], terms["total"], terms["picked"], terms["spread"])
-    index = valid.nonzero().squeeze(1)
-    return _Rows(index, terms["target"][index], terms["total"][index], terms["picked"][index], terms["spread"][index])
+    if bool(terms.valid.all()):
+        return _Rows(None, terms.target, terms.total, terms.picked, terms.spread)
+    index = terms.valid.nonzero().squeeze(1)
+    return _Rows(index, terms.target[index], terms.total[index], terms.picked[index], terms.spread[index])
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -448,7 +449,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     (-rows.picked[start:end] * factor)[:, None],
                     None if options.b == 0 else (rows.spread[start:end] * factor)[:, None],
                 )
-            _chunk(z, z, rows.target[start:end], tile_weight, stats[:, start:end], options.b != 0, factors)
+            process_chunk(z, z, rows.target[start:end], tile_weight, stats[:, start:end], options.b != 0, factors)
             if in_forward:
                 if derivative is not None:
                     z.mul_(derivative)
@@ -488,7 +489,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     "the first one to call backward twice"
                 )
             # Handed over (scaled in place) unless the graph is kept for another backward pass.
-            keep = _keep_graph()
+            keep = keep_graph()
             if not keep:
                 ctx.grads = None
             if not bool(grad_output == 1):

@@ -16,6 +16,7 @@ Both are ``q = a * one_hot(y) + b`` with ``a = 1 - eps'`` and ``b = eps' / K``, 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,31 +25,19 @@ from torch import Tensor, nn
 from hf_lsce.checks import (
     IGNORE_INDEX,
     IMPLEMENTATIONS,
-    REDUCTIONS,
-    SMOOTHING_STYLES,
     WEIGHT_MODES,
     check_choice,
     check_class_weight_values,
     check_device,
     check_labels,
-    check_number,
+    check_loss_options,
+    check_normalizer,
+    check_target_values,
     describe,
     functorch_transforms_active,
-    is_integer,
-    is_real,
     vmap_active,
 )
-from hf_lsce.fused import FUSED_MIN_CLASSES, fused_cross_entropy
-
-
-def _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index) -> None:
-    """Checks the arguments that do not depend on tensors; shared by the function and the module."""
-    check_number("label_smoothing", label_smoothing, low=0, high=1)
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("smoothing_style", smoothing_style, SMOOTHING_STYLES)
-    check_choice("weight_mode", weight_mode, WEIGHT_MODES)
-    if not is_integer(ignore_index):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+from hf_lsce.fused import FUSED_MIN_CLASSES, FusedOptions, fused_cross_entropy
 
 
 def _check_implementation(implementation: str, inplace_backward: bool) -> None:
@@ -82,8 +71,9 @@ def _check_weight(weight: Tensor | None, num_classes: int | None, validate: bool
     check_class_weight_values(weight, num_classes, name="weight", read_values=validate)
 
 
-def _smoothing_coefficients(num_classes: int, label_smoothing: float, smoothing_style: str) -> tuple[float, float]:
-    """Returns ``(a, b)`` with the target distribution ``q = a * one_hot(y) + b`` (``b`` on every class)."""
+def smoothing_coefficients(num_classes: int, label_smoothing: float, smoothing_style: str) -> tuple[float, float]:
+    """Returns ``(a, b)`` with the smoothed target ``q = a * one_hot(y) + b`` (``b`` on every class) for ``eps`` in
+    either style (`label_smoothed_cross_entropy`)."""
     eps = float(label_smoothing)
     if smoothing_style == "off_target":
         eps = eps * num_classes / (num_classes - 1)
@@ -95,7 +85,7 @@ def _compute_dtype(input: Tensor) -> torch.dtype:
 
 
 def _check_tensors(input: Tensor, target: Tensor) -> None:
-    """Raises on logits or targets of the wrong type or shape (values: `_check_target_values`)."""
+    """Raises on logits or targets of the wrong type or shape (values: `check_target_values`)."""
     if not isinstance(input, Tensor) or not input.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor of logits (..., K), got {describe(input)}")
     if input.dim() == 0:
@@ -120,15 +110,6 @@ def _check_tensors(input: Tensor, target: Tensor) -> None:
         )
 
 
-def _check_target_values(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raises unless every label is a class or ``ignore_index`` (every probability finite and non-negative)."""
-    if target.is_floating_point():
-        if not bool(((target >= 0) & torch.isfinite(target)).all()):
-            raise ValueError("probability target must be finite and non-negative")
-        return
-    check_labels(target, num_classes, ignore_index, name="target")
-
-
 def _kernel_cross_entropy(x: Tensor, y: Tensor, w: Tensor | None, ignore_index: int, **options) -> Tensor:
     """``F.cross_entropy`` on (N, K) logits, with its out-of-range label error (CPU) as our ValueError."""
     try:
@@ -136,22 +117,6 @@ def _kernel_cross_entropy(x: Tensor, y: Tensor, w: Tensor | None, ignore_index: 
     except IndexError:
         check_labels(y, x.shape[-1], ignore_index, name="target")
         raise
-
-
-def _check_normalizer(normalizer, reduction: str, validate: bool) -> None:
-    if normalizer is None:
-        return
-    if reduction != "mean":
-        raise ValueError(f"normalizer replaces the denominator of reduction='mean', got reduction={reduction!r}")
-    if isinstance(normalizer, Tensor):
-        if normalizer.dim() != 0:
-            raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
-        if validate:
-            check_number("normalizer", normalizer.item(), low=0, low_open=True)
-    elif is_real(normalizer):
-        check_number("normalizer", normalizer, low=0, low_open=True)
-    else:
-        raise TypeError(f"normalizer must be a number or a 0-d tensor, got {describe(normalizer)}")
 
 
 def mean_denominator(
@@ -263,98 +228,129 @@ def label_smoothed_cross_entropy(
         `torch.Tensor`: 0-d for ``"mean"`` and ``"sum"``, the positions' shape for ``"none"``; fp32 (fp64 for fp64
         input).
     """
-    _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
+    check_loss_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
     _check_tensors(input, target)
     # Under torch.func.vmap no value can be read: the value checks are skipped, as with validate=False.
     validate = validate and not vmap_active()
     check_device("weight", weight, input.device)
     check_device("normalizer", normalizer, input.device)
     _check_weight(weight, input.shape[-1], validate)
-    _check_normalizer(normalizer, reduction, validate)
+    check_normalizer(normalizer, reduction, validate)
     _check_implementation(implementation, inplace_backward)
 
-    num_classes = input.shape[-1]
     if not target.is_floating_point() and target.dtype != torch.int64:
         target = target.long()  # the index type of PyTorch's kernels; lossless for every integer dtype
-    a, b = _smoothing_coefficients(num_classes, label_smoothing, smoothing_style)
-    dtype = _compute_dtype(input)
-    fused = _use_fused(implementation, input, target, weight, normalizer, inplace_backward)
+    a, b = smoothing_coefficients(input.shape[-1], label_smoothing, smoothing_style)
+    options = _Options(ignore_index, reduction, a, b, weight_mode, normalizer, validate)
+    if _use_fused(implementation, input, target, weight, normalizer, inplace_backward):
+        return _fused_loss(input, target, weight, options, inplace_backward)
     # PyTorch's own kernel computes exactly this loss (one log-softmax, no per-class products) for class indices
     # with its weight semantics: smoothing (a, b) is its label_smoothing b * K (off_target included).
-    kernel = not fused and not target.is_floating_point() and (weight is None or weight_mode == "torch") and a >= 0
-    # On CPU that kernel rejects bad labels itself (its error is translated below): no separate pass over them.
-    if validate and not (kernel and input.is_cpu):
-        _check_target_values(target, num_classes, ignore_index)
-    # PyTorch's "mean" divides by the same sum_i w[y_i]; it differs only where that is 0, and then it is not finite
-    # (checked below, a host read, hence only with validate).
-    kernel_mean = kernel and reduction == "mean" and normalizer is None and validate
+    if not target.is_floating_point() and (weight is None or weight_mode == "torch") and a >= 0:
+        return _kernel_loss(input, target, weight, options)
+    return _expression_loss(input, target, weight, options)
 
-    def denominator():
-        """What "mean" divides the sum by (None for "sum" and "none")."""
-        if reduction != "mean":
-            return None
-        value = (
-            mean_denominator(target, weight, ignore_index, weight_mode=weight_mode)
-            if normalizer is None
-            else normalizer
-        )
-        return torch.as_tensor(value, dtype=dtype, device=input.device)
 
-    if fused:
-        return fused_cross_entropy(
-            input, target, weight, denominator(), ignore_index, reduction, a, b, weight_mode, inplace_backward
-        )
+class _Options(NamedTuple):
+    """The validated options every path takes; ``q = a * one_hot(y) + b`` is the smoothed target."""
+
+    ignore_index: int
+    reduction: str
+    a: float
+    b: float
+    weight_mode: str
+    normalizer: float | Tensor | None
+    validate: bool  # value checks, and host reads that spare work
+
+
+def _fused_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: _Options, inplace: bool) -> Tensor:
+    """`hf_lsce.fused`: loss and gradient in one pass over chunks of rows."""
+    if options.validate:
+        check_target_values(target, input.shape[-1], options.ignore_index)
+    fused_options = FusedOptions(
+        options.ignore_index, options.reduction, options.a, options.b, options.weight_mode, inplace
+    )
+    return fused_cross_entropy(input, target, weight, _denominator(input, target, weight, options), fused_options)
+
+
+def _kernel_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: _Options) -> Tensor:
+    """PyTorch's ``F.cross_entropy`` kernel, for class indices with its weight semantics (``weight_mode="torch"``
+    or no weights) and a smoothing it can express (``a >= 0``: its ``label_smoothing`` is ``b * K``)."""
+    num_classes = input.shape[-1]
+    # On CPU the kernel rejects bad labels itself (its error is translated): no separate pass over them.
+    if options.validate and not input.is_cpu:
+        check_target_values(target, num_classes, options.ignore_index)
+    dtype = _compute_dtype(input)
     w = None if weight is None else weight.to(dtype)
-    if kernel:
-        # Skipping no-op reshapes and casts matters at small sizes: each is a node in the autograd graph.
-        x = input if input.dim() == 2 else input.reshape(-1, num_classes)
-        x = x if x.dtype == dtype else x.to(dtype)
-        y = target if target.dim() == 1 else target.reshape(-1)
-        x = _without_ignored_logits(x, y, ignore_index, validate)
-        smoothing = min(b * num_classes, 1.0)
-        if kernel_mean:
-            loss = _kernel_cross_entropy(x, y, w, ignore_index, reduction="mean", label_smoothing=smoothing)
-            if math.isfinite(loss.item()):
-                return loss
-            # Nothing counts (0 / 0), or the logits are not finite; the rule below gives 0 for the former.
-        kernel_reduction = "none" if reduction == "none" else "sum"
-        losses = _kernel_cross_entropy(x, y, w, ignore_index, reduction=kernel_reduction, label_smoothing=smoothing)
-        if reduction == "none":
-            return losses.reshape(target.shape)
-        return losses if reduction == "sum" else _safe_divide(losses, denominator())
+    # Skipping no-op reshapes and casts matters at small sizes: each is a node in the autograd graph.
+    x = input if input.dim() == 2 else input.reshape(-1, num_classes)
+    x = x if x.dtype == dtype else x.to(dtype)
+    y = target if target.dim() == 1 else target.reshape(-1)
+    x = _without_ignored_logits(x, y, options.ignore_index, options.validate)
+    smoothing = min(options.b * num_classes, 1.0)
+    # PyTorch's "mean" divides by the same sum_i w[y_i]; it differs only where that is 0, and then it is not finite
+    # (a host read, hence only with validate).
+    if options.reduction == "mean" and options.normalizer is None and options.validate:
+        loss = _kernel_cross_entropy(x, y, w, options.ignore_index, reduction="mean", label_smoothing=smoothing)
+        if math.isfinite(loss.item()):
+            return loss
+        # Nothing counts (0 / 0), or the logits are not finite; the rule below gives 0 for the former.
+    reduction = "none" if options.reduction == "none" else "sum"
+    losses = _kernel_cross_entropy(x, y, w, options.ignore_index, reduction=reduction, label_smoothing=smoothing)
+    if options.reduction == "none":
+        return losses.reshape(target.shape)
+    return losses if options.reduction == "sum" else _safe_divide(losses, _denominator(input, target, weight, options))
 
+
+def _expression_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: _Options) -> Tensor:
+    """The general expression ``-sum_c v_c q_c log_softmax(input)_c`` (module docstring), in PyTorch operations."""
+    num_classes = input.shape[-1]
+    if options.validate:
+        check_target_values(target, num_classes, options.ignore_index)
+    a, b = options.a, options.b
+    dtype = _compute_dtype(input)
+    w = None if weight is None else weight.to(dtype)
     x = input.reshape(-1, num_classes).to(dtype)
-    if not target.is_floating_point():
-        x = _without_ignored_logits(x, target.reshape(-1), ignore_index, validate)
-    logp = F.log_softmax(x, dim=-1)
     if target.is_floating_point():
+        logp = F.log_softmax(x, dim=-1)
         t = target.reshape(-1, num_classes).to(dtype)
         q = a * t + b * t.sum(-1, keepdim=True)
         if w is None:
             losses = -(q * logp).sum(-1)
-        elif weight_mode == "torch":
+        elif options.weight_mode == "torch":
             losses = -(q * logp) @ w
         else:
             losses = -(t @ w) * (q * logp).sum(-1)
         positions = input.shape[:-1]
     else:
         y = target.reshape(-1)
-        valid = y != ignore_index
+        logp = F.log_softmax(_without_ignored_logits(x, y, options.ignore_index, options.validate), dim=-1)
+        valid = y != options.ignore_index
         y = y.where(valid, 0)
         logp_y = logp.gather(1, y[:, None]).squeeze(1)
         if w is None:
             losses = -(a * logp_y + b * logp.sum(-1))
         else:
             w_y = w[y]
-            smooth = logp @ w if weight_mode == "torch" else w_y * logp.sum(-1)
+            smooth = logp @ w if options.weight_mode == "torch" else w_y * logp.sum(-1)
             losses = -(a * w_y * logp_y + b * smooth)
         losses = torch.where(valid, losses, 0)
         positions = target.shape
 
-    if reduction == "none":
+    if options.reduction == "none":
         return losses.reshape(positions)
     total = losses.sum()
-    return total if reduction == "sum" else _safe_divide(total, denominator())
+    return total if options.reduction == "sum" else _safe_divide(total, _denominator(input, target, weight, options))
+
+
+def _denominator(input: Tensor, target: Tensor, weight: Tensor | None, options: _Options) -> Tensor | None:
+    """What ``reduction="mean"`` divides the sum by: ``normalizer`` or `mean_denominator` (None for the others)."""
+    if options.reduction != "mean":
+        return None
+    value = options.normalizer
+    if value is None:
+        value = mean_denominator(target, weight, options.ignore_index, weight_mode=options.weight_mode)
+    return torch.as_tensor(value, dtype=_compute_dtype(input), device=input.device)
 
 
 def _without_ignored_logits(x: Tensor, y: Tensor, ignore_index: int, read_values: bool) -> Tensor:
@@ -408,7 +404,7 @@ class LabelSmoothedCrossEntropyLoss(nn.Module):
         inplace_backward: bool = False,
     ) -> None:
         super().__init__()
-        _check_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
+        check_loss_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
         _check_implementation(implementation, inplace_backward)
         _check_weight(weight, None, validate=True)
         self.register_buffer("weight", weight)

@@ -20,6 +20,11 @@ logits' own buffer. The backward pass only scales the stored gradient by the inc
 a scalar 1 (``loss.backward()``). On CPU the gradient's memory is kept and reused by the next call once nothing
 references it (`_gradient_buffer`), which saves the page faults of fresh memory; `empty_cache` releases it.
 
+Higher-order gradients: a backward pass with ``create_graph=True`` does not use the stored gradient, a constant to
+autograd, but recomputes ``U p - u`` from the saved logits with differentiable PyTorch operations (`_gradient_graph`),
+so that gradient penalties and double backward are exact; ``inplace_backward=True`` overwrote those logits, and
+raises there. `torch.func` transforms cannot run this Function: ``implementation="auto"`` avoids it under them.
+
 Threads: on CPU, when there are many chunks (`MIN_CHUNKS_PER_THREAD`), they are shared out to a small pool of
 Python threads, each running PyTorch single-threaded. Letting every operation fork and join PyTorch's own OpenMP
 threads costs a barrier per operation, and a barrier waits for the slowest core; whole chunks per thread need no

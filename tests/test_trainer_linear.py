@@ -113,6 +113,21 @@ def test_resume(tmp_path):
     torch.testing.assert_close(resumed["trainer"].class_weights, full["trainer"].class_weights)
 
 
+def test_model_init_replaces_the_model_and_its_head(tmp_path, references):
+    """`Trainer.train` builds a new model with ``model_init``: the linear path follows it to the new head."""
+    recorder = lt.GradientRecorder()
+    args = tasks.training_args(tmp_path, 8, 1, fused_linear=True, weight_mode="example",
+                               class_weights=tasks.class_weights("causal_lm"))  # fmt: skip
+    trainer = tasks.OrderedSmoothingTrainer(
+        model_init=lambda: lt.model("llama"), args=args, train_dataset=tasks.examples("causal_lm"),
+        data_collator=tasks.collator("causal_lm"), callbacks=[recorder],
+    )  # fmt: skip
+    first_head = trainer._linear_head.head
+    loss = trainer.train().training_loss
+    assert trainer._linear_head.head is trainer.model.lm_head is not first_head
+    _check_equal({"loss": loss, "grads": recorder.grads}, references("llama"))
+
+
 def test_shift_labels_batch_key_is_the_target(tmp_path, references):
     """A collator's ``shift_labels`` (TRL's padding-free batches) are the targets on both paths."""
 

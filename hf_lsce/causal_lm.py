@@ -28,11 +28,12 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-# fused_linear="auto" takes the linear path on CPU from this vocabulary size up. Training steps of a Llama (2 layers,
-# hidden 256, batch 8 x 256) on the project's 2 shared cores, linear / logits path, medians of 2 interleaved rounds
-# (ad hoc, under load): 1.48x at V = 4096, 1.45x at 16384, 0.77x at 65536; benchmarks/bench_trainer.py measures
-# 32768 and 131072 (docs/performance.md).
-LINEAR_MIN_VOCABULARY = 32768
+# fused_linear="auto" takes the linear path on CPU from this vocabulary size up, where it was measured faster than the
+# logits path (it always uses less memory). `python -m benchmarks.bench_trainer --wide` (a Llama, 2 layers, hidden
+# 256, batch 8 x 256; docs/performance.md), step time as a multiple of the plain Trainer's, linear / logits path:
+# 1.14x / 0.87x at V = 32768, 0.76x / 0.79x at 131072. Ad-hoc runs of the same model (2 rounds, under load), linear
+# over logits path: 1.48x at 4096, 1.45x at 16384, 0.77x at 65536.
+LINEAR_MIN_VOCABULARY = 65536
 
 
 def _plain(model: nn.Module) -> dict:

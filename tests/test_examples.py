@@ -821,6 +821,12 @@ def test_token_classification_end_to_end(tiny_bert, tmp_path):
     record, arrays = read_record(output_dir)
     assert RECORD_KEYS <= set(record) and record["num_processes"] == 1
     assert record["label_names"] == ["B-LOC", "B-PER", "I-LOC", "O"]
+    assert record["id2label"] == {"0": "B-LOC", "1": "B-PER", "2": "I-LOC", "3": "O"}
+    # 'balanced' over the labeled tokens (one per word): n / (K n_c) from the training file's tags.
+    tags = [tag for line in open(tmp_path / "train.jsonl") for tag in json.loads(line)["tags"]]
+    counts = np.array([tags.count(name) for name in record["label_names"]])
+    assert record["class_weights"]["method"] == "balanced"
+    np.testing.assert_allclose(record["class_weights"]["weights"], len(tags) / (4 * counts), rtol=1e-12)
     for split in ("validation", "test"):
         metrics = record["final"][split]
         for key in ("precision", "recall", "f1", "accuracy", "nll", "ece", "brier", "loss"):

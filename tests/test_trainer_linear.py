@@ -84,6 +84,10 @@ def test_negative_control_without_the_head_post_processing(tmp_path, references,
         _check_equal(result, reference)
 
 
+def test_activation_checkpointing(tmp_path, references):
+    _check_equal(lt.run("llama_checkpointing", tmp_path, 2, 4), references("llama"))
+
+
 def test_torch_weight_mode_and_no_weights(tmp_path):
     for kwargs in ({"weight_mode": "torch"}, {"class_weights": None, "label_smoothing": 0.0}):
         reference = lt.run("llama", tmp_path / "ref", 8, 1, fused_linear=False, **kwargs)
@@ -319,7 +323,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
-    names = [name for name in lt.SPLIT_MODELS if name != "llama_lora" or _has("peft")]
+    names = [name for name in (*lt.SPLIT_MODELS, "llama_checkpointing") if name != "llama_lora" or _has("peft")]
     out = tmp_path_factory.mktemp("torchrun_linear") / "results.pt"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
@@ -340,9 +344,9 @@ def _has(module: str) -> bool:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", lt.SPLIT_MODELS)
+@pytest.mark.parametrize("name", [*lt.SPLIT_MODELS, "llama_checkpointing"])
 def test_two_processes_x4_equal_logits_path_at_batch_8(two_process_results, references, name):
     _needs(name)
     result = two_process_results[name]
     assert result["head_widths"] == [1]
-    _check_equal(result, references(name))
+    _check_equal(result, references(lt.VARIANTS.get(name, (name,))[0]))

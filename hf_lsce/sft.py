@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers.utils import logging
 
 from hf_lsce.checks import IGNORE_INDEX
 from hf_lsce.trainer import SAMPLE_WEIGHT_KEY, SmoothingTrainerMixin
@@ -24,6 +25,8 @@ except ImportError as error:  # the optional extra is not installed
     _TRL_IMPORT_ERROR: ImportError | None = error
 else:
     _TRL_IMPORT_ERROR = None
+
+logger = logging.get_logger(__name__)
 
 # Rows of logits turned into probabilities at a time for the entropy metric: bounds its extra memory (K floats each).
 _METRIC_ROWS = 1024
@@ -114,6 +117,9 @@ else:
         assistant-only training, packing and padding-free batches (``position_ids``) keep their meaning exactly.
         TRL's logged metrics stay: ``entropy`` and ``mean_token_accuracy`` over the labelled tokens, and
         ``num_tokens``, computed from the full logits this loss needs (TRL's own fused head does not build them).
+        So ``fused_linear="auto"`` (the default) keeps the logits here, whatever the vocabulary; ``fused_linear=True``
+        trains without them (`hf_lsce.causal_lm`), and then logs ``num_tokens`` but not ``entropy`` and
+        ``mean_token_accuracy`` in training (one warning at construction says so).
 
         ``args`` is resolved into `SmoothingSFTConfig`: a plain `SFTConfig` (or `TrainingArguments`) is converted,
         and the keyword options ``label_smoothing``, ``smoothing_style``, ``weight_mode`` and ``class_weights``
@@ -149,6 +155,22 @@ else:
                     "SmoothingSFTTrainer does not add a mixture-of-experts router loss; set router_aux_loss_coef=0 in "
                     "the model's config or use TRL's SFTTrainer"
                 )
+
+        def _resolve_linear_head(self, fused_linear):
+            # TRL's entropy and mean_token_accuracy need the logits: "auto" keeps them, only True gives them up.
+            if fused_linear == "auto":
+                logger.info(
+                    "fused_linear='auto': SmoothingSFTTrainer trains through the logits, which TRL's entropy and "
+                    "mean_token_accuracy need; fused_linear=True trains without them (and without those metrics)"
+                )
+                return None
+            head = super()._resolve_linear_head(fused_linear)
+            if head is not None:
+                logger.warning(
+                    "fused_linear=True: SmoothingSFTTrainer trains without the logits, so TRL's entropy and "
+                    "mean_token_accuracy are not logged in training (num_tokens is; evaluation keeps them)"
+                )
+            return head
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # As TRL does: the key-value cache is of no use in a training or scoring forward pass.

@@ -34,7 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
-from hf_lsce.causal_lm import find_linear_head, head_loss, resolve_linear_head
+from hf_lsce.causal_lm import LinearHead, find_linear_head, head_loss, resolve_linear_head
 from hf_lsce.checks import IGNORE_INDEX, check_class_weight_values, check_labels, describe
 from hf_lsce.class_weights import compute_class_weights
 from hf_lsce.fused import empty_cache
@@ -214,8 +214,7 @@ class SmoothingTrainerMixin:
             self._inspect_model(shift_labels)
         self._linear_head = None
         if self.model is not None and (self._is_causal_lm or self.args.fused_linear is True):
-            model = self.accelerator.unwrap_model(self.model)
-            self._linear_head = resolve_linear_head(model, self.args.fused_linear, self.args.device)
+            self._linear_head = self._resolve_linear_head(self.args.fused_linear)
 
         class_weights = self.args.class_weights
         self.class_weights_method = "balanced" if class_weights == "balanced" else "given"
@@ -225,6 +224,11 @@ class SmoothingTrainerMixin:
             logger.info(f"Balanced class weights from the training set: {self.class_weights.tolist()}")
         elif class_weights is not None:
             self._set_class_weights(torch.tensor(class_weights, dtype=torch.float64))
+
+    def _resolve_linear_head(self, fused_linear: bool | str) -> LinearHead | None:
+        """The head that training steps feed to the linear loss under ``fused_linear``, or None for the logits path
+        (`hf_lsce.causal_lm.resolve_linear_head`); called once, at construction, for causal LMs and for True."""
+        return resolve_linear_head(self.accelerator.unwrap_model(self.model), fused_linear, self.args.device)
 
     # The options as the trainer uses them (read-only views of `self.args`).
 

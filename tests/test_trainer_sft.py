@@ -4,6 +4,7 @@ The truth is `trainer_sft_tasks.full_batch_reference`: TRL prepares and collates
 (plain `SFTTrainer`, prompts masked with -100), then one SGD step on the whole batch with `F.cross_entropy`.
 """
 
+import logging
 import os
 import socket
 import subprocess
@@ -15,9 +16,10 @@ import torch
 
 pytest.importorskip("trl")
 
-from transformers import TrainingArguments  # noqa: E402
+from transformers import LlamaForCausalLM, TrainingArguments  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
+import hf_lsce.causal_lm  # noqa: E402
 from hf_lsce import SmoothingSFTConfig, SmoothingSFTTrainer, SmoothingTrainer  # noqa: E402
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -115,6 +117,45 @@ def test_trl_metrics_are_kept_and_equal_trls(tmp_path):
     for key in ("eval_entropy", "eval_mean_token_accuracy"):
         assert metrics[key] == pytest.approx(trl_metrics[key], abs=1e-6), key
     assert metrics["eval_nll"] == pytest.approx(metrics["eval_loss"], abs=1e-9)  # eps = 0, no weights
+
+
+def _large_vocabulary_llama():
+    """`sft.model()`'s Llama with the vocabulary from which ``fused_linear="auto"`` takes the linear path on CPU."""
+    config = sft.model().config
+    config.vocab_size = hf_lsce.causal_lm.LINEAR_MIN_VOCABULARY
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).double()
+
+
+def _sft_log_lines(caplog):
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "hf_lsce.sft"]
+
+
+def test_auto_keeps_the_logits_and_trls_metrics_for_a_large_vocabulary(tmp_path, caplog):
+    # Control: SmoothingTrainer's "auto" would train this model without its logits.
+    plain = SmoothingTrainer(model=_large_vocabulary_llama(), args=tasks.training_args(tmp_path / "plain", 8, 1))
+    assert plain.args.fused_linear == "auto" and plain._linear_head is not None
+    with caplog.at_level(logging.INFO, logger="hf_lsce.sft"):
+        result = sft.run(tmp_path / "sft", 8, 1, weights=False, net=_large_vocabulary_llama())
+    trainer = result["trainer"]
+    assert trainer.args.fused_linear == "auto" and trainer._linear_head is None
+    (line,) = _sft_log_lines(caplog)
+    assert line == (logging.INFO, "fused_linear='auto': SmoothingSFTTrainer trains through the logits, which TRL's "
+                    "entropy and mean_token_accuracy need; fused_linear=True trains without them (and without those "
+                    "metrics)")  # fmt: skip
+    (logged,) = [entry for entry in result["log_history"] if "loss" in entry]
+    assert {"entropy", "mean_token_accuracy", "num_tokens"} <= logged.keys()
+
+
+def test_true_trains_without_the_logits_and_says_the_metrics_are_not_logged(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="hf_lsce.sft"):
+        result = sft.run(tmp_path, 8, 1, weights=False, net=_large_vocabulary_llama(),
+                         config_kwargs={"fused_linear": True})  # fmt: skip
+    assert result["trainer"]._linear_head is not None
+    (line,) = _sft_log_lines(caplog)
+    assert line[0] == logging.WARNING and "entropy and mean_token_accuracy are not logged in training" in line[1]
+    (logged,) = [entry for entry in result["log_history"] if "loss" in entry]
+    assert logged["num_tokens"] > 0 and not {"entropy", "mean_token_accuracy"} & logged.keys()
 
 
 def test_wrong_method_order_raises_when_the_class_is_defined():

@@ -227,6 +227,16 @@ def check_class_weight_values(
         raise ValueError(f"{where}{name} must not be all zero, got {_show(weights)}")
 
 
+def check_weight_tensor(name: str, weight: object, num_classes: int | None, *, validate: bool) -> None:
+    """Raises unless ``weight`` is None or a floating-point tensor of class weights that meets
+    `check_class_weight_values` (``num_classes`` None: at least 2; its values read only with ``validate``)."""
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor of one weight per class, got {describe(weight)}")
+    check_class_weight_values(weight, num_classes, name=name, read_values=validate)
+
+
 def check_auto_switch(name: str, value: object) -> bool | str:
     """``value`` as ``"auto"``, True or False, the values of a switch whose default decides by itself.
 

@@ -150,7 +150,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
         w = None if weight is None else weight.to(dtype)
         # Folding 1 / denominator into the gradient here leaves nothing to do in backward for loss.backward(). The
-        # same safe rule as the reference path's `_safe_divide`: a 0 denominator gives 0 and zero gradients.
+        # same safe rule as `hf_lsce.loss.safe_divide`: a 0 denominator gives 0 and zero gradients.
         scale = None
         if options.reduction == "mean":
             positive = denominator > 0

@@ -39,15 +39,16 @@ from torch import Tensor, nn
 
 from hf_lsce.checks import (
     IGNORE_INDEX,
-    check_class_weight_values,
+    check_device,
     check_loss_options,
     check_normalizer,
     check_number,
     check_target_values,
+    check_weight_tensor,
     describe,
 )
 from hf_lsce.fused import index_terms, keep_graph, process_chunk
-from hf_lsce.loss import mean_denominator, smoothing_coefficients
+from hf_lsce.loss import mean_denominator, safe_divide, smoothing_coefficients
 
 # The default tile holds as many logits as this many rows of the vocabulary (with their bf16/fp16 copy and the
 # soft-cap's derivative when there are some): 128 MiB of fp32 logits at V = 131072, whatever the number of tokens.
@@ -123,7 +124,7 @@ def linear_label_smoothed_cross_entropy(
         validate (`bool`, *optional*, defaults to `True`): check label range, class weights and normalizer values
             (reads tensor values, which synchronizes with a GPU).
         logit_softcap (`float`, *optional*): ``cap > 0``: logits become ``cap * tanh(z / cap)``.
-        logit_scale (`float`, *optional*): a finite multiplier of the logits, applied before the cap.
+        logit_scale (`float`, *optional*): a finite multiplier > 0 of the logits, applied before the cap.
         chunk_bytes (`int`, *optional*): about the bytes of one tile of logits in fp32 (with its low-precision copy
             and the cap's derivative); a tile holds at least one row of the vocabulary (``recompute=False`` and the
             forward pass) or ``MIN_BLOCK_COLUMNS`` columns. Defaults to the size of `DEFAULT_CHUNK_ROWS` rows of
@@ -141,9 +142,9 @@ def linear_label_smoothed_cross_entropy(
     check_loss_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
     _check_head_tensors(hidden, head_weight, head_bias, target)
     num_classes = head_weight.shape[0]
-    _check_class_weight(class_weight, num_classes, hidden.device, validate)
-    if isinstance(normalizer, Tensor) and normalizer.device != hidden.device:
-        raise ValueError(f"normalizer must be on hidden's device {hidden.device}, got {normalizer.device}")
+    check_device("class_weight", class_weight, hidden.device, other="hidden")
+    check_device("normalizer", normalizer, hidden.device, other="hidden")
+    check_weight_tensor("class_weight", class_weight, num_classes, validate=validate)
     check_normalizer(normalizer, reduction, validate)
     _check_head_options(logit_softcap, logit_scale, chunk_bytes, recompute, reduction)
     for name, tensor in (("class_weight", class_weight), ("normalizer", normalizer)):
@@ -166,9 +167,8 @@ def linear_label_smoothed_cross_entropy(
             else normalizer
         )
         denominator = torch.as_tensor(denominator, dtype=dtype, device=hidden.device)
-        positive = denominator > 0
-        # As `hf_lsce.loss._safe_divide`: nothing counts (a 0 denominator) gives 0 and zero gradients.
-        reduction_scale = torch.where(positive, 1 / torch.where(positive, denominator, 1), 0)
+        # 1 / denominator, folded into the gradient's factors; nothing counts (a 0 denominator) gives 0.
+        reduction_scale = safe_divide(torch.ones_like(denominator), denominator)
     else:
         reduction_scale = None
 
@@ -234,7 +234,7 @@ class LinearLabelSmoothedCrossEntropyLoss(nn.Module):
         super().__init__()
         check_loss_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
         _check_head_options(logit_softcap, logit_scale, chunk_bytes, recompute, reduction)
-        _check_class_weight(class_weight, None, None, validate=True)
+        check_weight_tensor("class_weight", class_weight, None, validate=True)
         self.register_buffer("class_weight", class_weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -304,8 +304,7 @@ def _check_head_tensors(hidden, head_weight, head_bias, target) -> None:
         raise ValueError(f"head_weight must have at least 2 rows (classes), got shape {tuple(head_weight.shape)}")
     if head_weight.dtype != hidden.dtype:
         raise TypeError(f"head_weight must have hidden's dtype {hidden.dtype}, got {head_weight.dtype}")
-    if head_weight.device != hidden.device:
-        raise ValueError(f"head_weight must be on hidden's device {hidden.device}, got {head_weight.device}")
+    check_device("head_weight", head_weight, hidden.device, other="hidden")
     if head_bias is not None:
         if not isinstance(head_bias, Tensor) or not head_bias.is_floating_point():
             raise TypeError(f"head_bias must be a floating-point tensor of shape (V,), got {describe(head_bias)}")
@@ -316,8 +315,7 @@ def _check_head_tensors(hidden, head_weight, head_bias, target) -> None:
             )
         if head_bias.dtype != hidden.dtype:
             raise TypeError(f"head_bias must have hidden's dtype {hidden.dtype}, got {head_bias.dtype}")
-        if head_bias.device != hidden.device:
-            raise ValueError(f"head_bias must be on hidden's device {hidden.device}, got {head_bias.device}")
+        check_device("head_bias", head_bias, hidden.device, other="hidden")
     if not isinstance(target, Tensor) or target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must be an integer tensor of class indices, got {describe(target)}")
     if target.is_floating_point():
@@ -330,25 +328,15 @@ def _check_head_tensors(hidden, head_weight, head_bias, target) -> None:
             f"target must have shape {tuple(hidden.shape[:-1])} (hidden's shape without its last dimension), "
             f"got {tuple(target.shape)}"
         )
-    if target.device != hidden.device:
-        raise ValueError(f"target must be on hidden's device {hidden.device}, got {target.device}")
-
-
-def _check_class_weight(weight, num_classes, device, validate) -> None:
-    if weight is None:
-        return
-    if not isinstance(weight, Tensor) or not weight.is_floating_point():
-        raise TypeError(f"class_weight must be a floating-point tensor of shape (V,), got {describe(weight)}")
-    if device is not None and weight.device != device:
-        raise ValueError(f"class_weight must be on hidden's device {device}, got {weight.device}")
-    check_class_weight_values(weight, num_classes, name="class_weight", read_values=validate)
+    check_device("target", target, hidden.device, other="hidden")
 
 
 def _check_head_options(logit_softcap, logit_scale, chunk_bytes, recompute, reduction) -> None:
     if logit_softcap is not None:
         check_number("logit_softcap", logit_softcap, low=0, high=math.inf, low_open=True, high_open=True)
     if logit_scale is not None:
-        check_number("logit_scale", logit_scale, low=-math.inf, high=math.inf, low_open=True, high_open=True)
+        # Cohere's logit_scale and Granite's 1 / logits_scaling are > 0: 0 or a sign flip is a mistake, not a model.
+        check_number("logit_scale", logit_scale, low=0, high=math.inf, low_open=True, high_open=True)
     if chunk_bytes is not None:
         check_number("chunk_bytes", chunk_bytes, low=0, low_open=True, integer=True)
     if recompute is not None and not isinstance(recompute, bool):

@@ -27,12 +27,12 @@ from hf_lsce.checks import (
     IMPLEMENTATIONS,
     WEIGHT_MODES,
     check_choice,
-    check_class_weight_values,
     check_device,
     check_labels,
     check_loss_options,
     check_normalizer,
     check_target_values,
+    check_weight_tensor,
     describe,
     functorch_transforms_active,
     vmap_active,
@@ -61,14 +61,6 @@ def _use_fused(implementation: str, input: Tensor, target: Tensor, weight, norma
         return False
     # The fused path gives no gradient to the target, the weights or the normalizer.
     return not (target.requires_grad or any(isinstance(t, Tensor) and t.requires_grad for t in (weight, normalizer)))
-
-
-def _check_weight(weight: Tensor | None, num_classes: int | None, validate: bool) -> None:
-    if weight is None:
-        return
-    if not isinstance(weight, Tensor) or not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor of shape (K,), got {describe(weight)}")
-    check_class_weight_values(weight, num_classes, name="weight", read_values=validate)
 
 
 def smoothing_coefficients(num_classes: int, label_smoothing: float, smoothing_style: str) -> tuple[float, float]:
@@ -235,7 +227,7 @@ def label_smoothed_cross_entropy(
     validate = validate and readable
     check_device("weight", weight, input.device)
     check_device("normalizer", normalizer, input.device)
-    _check_weight(weight, input.shape[-1], validate)
+    check_weight_tensor("weight", weight, input.shape[-1], validate=validate)
     check_normalizer(normalizer, reduction, validate)
     _check_implementation(implementation, inplace_backward)
 
@@ -303,7 +295,7 @@ def _kernel_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: 
     losses = _kernel_cross_entropy(x, y, w, options.ignore_index, reduction=reduction, label_smoothing=smoothing)
     if options.reduction == "none":
         return losses.reshape(target.shape)
-    return losses if options.reduction == "sum" else _safe_divide(losses, _denominator(input, target, weight, options))
+    return losses if options.reduction == "sum" else safe_divide(losses, _denominator(input, target, weight, options))
 
 
 def _expression_loss(input: Tensor, target: Tensor, weight: Tensor | None, options: _Options) -> Tensor:
@@ -344,7 +336,7 @@ def _expression_loss(input: Tensor, target: Tensor, weight: Tensor | None, optio
     if options.reduction == "none":
         return losses.reshape(positions)
     total = losses.sum()
-    return total if options.reduction == "sum" else _safe_divide(total, _denominator(input, target, weight, options))
+    return total if options.reduction == "sum" else safe_divide(total, _denominator(input, target, weight, options))
 
 
 def _denominator(input: Tensor, target: Tensor, weight: Tensor | None, options: _Options) -> Tensor | None:
@@ -369,7 +361,7 @@ def _without_ignored_logits(x: Tensor, y: Tensor, ignore_index: int, read_values
     return torch.where((y != ignore_index)[:, None], x, 0)
 
 
-def _safe_divide(total: Tensor, denominator: Tensor) -> Tensor:
+def safe_divide(total: Tensor, denominator: Tensor) -> Tensor:
     """``total / denominator``, or 0 with zero gradients when nothing counts (PyTorch returns NaN there)."""
     positive = denominator > 0
     return torch.where(positive, total / torch.where(positive, denominator, 1), 0)
@@ -410,7 +402,7 @@ class LabelSmoothedCrossEntropyLoss(nn.Module):
         super().__init__()
         check_loss_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
         _check_implementation(implementation, inplace_backward)
-        _check_weight(weight, None, validate=True)
+        check_weight_tensor("weight", weight, None, validate=True)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction

@@ -4,8 +4,8 @@ Each fenced python block under that heading is executed as is (no text substitut
 snippet, the blocks start from objects a user already has (``model``, ``tokenizer`` and the datasets); the test
 provides them as tiny offline stand-ins, chosen by the trainer class the block imports: a one-layer Llama with a
 prompt/completion dataset (with a ``sample_weight`` column) for TRL, a one-layer T5 with source/target pairs for
-Seq2Seq. Outputs go to a temporary working directory. The one change to what runs: `SmoothingSFTConfig` gets
-``use_cpu=True, bf16=False`` as defaults (TRL's default bf16 needs a GPU).
+Seq2Seq. Outputs go to a temporary working directory. Nothing else is changed: the SFT block sets ``bf16=False``
+itself, as a user without a bf16 GPU must (TRL's configs default to bf16).
 """
 
 import math
@@ -52,22 +52,7 @@ def test_the_section_has_one_block_per_trainer():
     assert "SmoothingSFTTrainer(" in blocks[0] and "SmoothingSeq2SeqTrainer(" in blocks[1]
 
 
-@pytest.fixture
-def sft_config_on_cpu(monkeypatch):
-    """TRL's configs default to bf16, which TrainingArguments refuses without a bf16 GPU unless use_cpu is set: the one
-    setting added to what the snippets run, as defaults their own keywords would override."""
-    pytest.importorskip("trl")
-    from hf_lsce.sft import SmoothingSFTConfig
-
-    original = SmoothingSFTConfig.__init__
-
-    def on_cpu(self, *args, **kwargs):
-        original(self, *args, **{"use_cpu": True, "bf16": False, **kwargs})
-
-    monkeypatch.setattr(SmoothingSFTConfig, "__init__", on_cpu)
-
-
-def test_sft_with_peft_snippet_runs(tmp_path, monkeypatch, sft_config_on_cpu):
+def test_sft_with_peft_snippet_runs(tmp_path, monkeypatch):
     names = _sft_names()
     monkeypatch.chdir(tmp_path)
     exec(snippets()[0], names)
@@ -94,7 +79,7 @@ def test_seq2seq_snippet_runs(tmp_path, monkeypatch):
     assert math.isfinite(metrics["eval_loss"]) and math.isfinite(metrics["eval_nll"])
 
 
-def test_snippets_need_the_provided_names(tmp_path, monkeypatch, sft_config_on_cpu):
+def test_snippets_need_the_provided_names(tmp_path, monkeypatch):
     """Control: the blocks do use the names this test provides (without them they fail)."""
     monkeypatch.chdir(tmp_path)
     for block in snippets():

@@ -213,9 +213,12 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
         _run_chunks(range(0, num_rows, step), work, x.device)
         if need_grad and terms.valid is not None:
-            # An ignored row's factors are 0, but 0 times the softmax of a row holding NaN or inf is NaN: its
-            # gradient is set to exactly 0 (a pass over the ignored rows only).
-            grad.index_fill_(0, (~terms.valid).nonzero().squeeze(1), 0)
+            # An ignored row's factors are 0, and 0 times a finite softmax is 0. A row holding NaN or +inf (its
+            # maximum is not finite) has a NaN softmax: those of ignored rows are set to 0 here, which costs nothing
+            # when there are none (a parallel pass over the gradient would cost an OpenMP barrier).
+            poisoned = (~terms.valid & ~stats[2, :, 0].isfinite()).nonzero().squeeze(1)
+            if poisoned.numel():
+                grad.index_fill_(0, poisoned, 0)
 
         picked, spread, top, peak = stats.squeeze(2)
         # At the row's maximum p = exp(max - lse) >= 1 / K: this log-sum-exp loses nothing to underflow.

@@ -285,17 +285,23 @@ def _gradient_graph(ctx, grad_output: Tensor) -> Tensor:
     if terms.valid is not None:
         # Ignored rows get exactly 0, whatever their logits hold (a NaN row would make p, and 0 * p, NaN).
         x = torch.where(terms.valid[:, None], x, 0)
-    v = x.new_ones(num_classes) if class_weight is None else class_weight
-    u = terms.spread[:, None] * v
-    if terms.target.is_floating_point():
-        u = u + terms.picked[:, None] * terms.target.to(dtype) * v
-    else:
-        u = u.scatter_add(1, terms.target, terms.picked[:, None])
-    grad = terms.total[:, None] * torch.softmax(x, 1) - u
+    grad = smoothed_gradient(x, terms, class_weight)
     if scale is not None:
         grad = grad * scale
     grad = grad * (grad_output.reshape(-1, 1) if ctx.reduction == "none" else grad_output)
     return grad.reshape(ctx.input_shape).to(input.dtype)
+
+
+def smoothed_gradient(x: Tensor, terms: RowTerms, class_weight: Tensor | None) -> Tensor:
+    """``U softmax(x) - u`` for logits ``x`` (N, K) and the rows' `RowTerms`, in differentiable PyTorch operations:
+    the gradient of the unreduced losses with respect to ``x`` (``v`` is ``class_weight`` or 1)."""
+    v = x.new_ones(x.shape[1]) if class_weight is None else class_weight
+    u = terms.spread[:, None] * v
+    if terms.target.is_floating_point():
+        u = u + terms.picked[:, None] * terms.target.to(x.dtype) * v
+    else:
+        u = u.scatter_add(1, terms.target, terms.picked[:, None])
+    return terms.total[:, None] * torch.softmax(x, 1) - u
 
 
 def _gradient_buffer(x: Tensor) -> Tensor:

@@ -24,6 +24,12 @@ Two ways to order the work, both exact (``recompute``):
   each block of the head's gradient is finished by one product over all rows (no accumulator of the head's size) and
   only the hidden states' gradient accumulates, in fp32. Four products in all.
 
+Higher-order gradients: a backward pass with ``create_graph=True`` (a gradient penalty, double backward) does not
+use the tiles' gradients, constants to autograd, but recomputes the three gradients from the saved inputs with
+differentiable PyTorch operations (`_gradient_graph`), in either order; this materializes the counted rows' logits,
+as the logits path would. `torch.func` transforms (``grad``, ``vmap``, ...) cannot run the autograd function: under
+them the loss is computed from materialized logits by `hf_lsce.loss.label_smoothed_cross_entropy`'s reference path.
+
 Rows whose label is ``ignore_index`` are left out of every product (their loss and gradient are 0 whatever their
 hidden state). Logits, softmax and loss are computed in fp32 (fp64 for fp64 inputs); the matrix products run in the
 inputs' dtype, as the model's own head does (on CPU a bf16 product accumulates in fp32 and rounds its result once).
@@ -35,6 +41,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hf_lsce.checks import (
@@ -46,9 +53,11 @@ from hf_lsce.checks import (
     check_target_values,
     check_weight_tensor,
     describe,
+    functorch_transforms_active,
+    vmap_active,
 )
-from hf_lsce.fused import index_terms, keep_graph, process_chunk
-from hf_lsce.loss import mean_denominator, safe_divide, smoothing_coefficients
+from hf_lsce.fused import RowTerms, index_terms, keep_graph, process_chunk, smoothed_gradient
+from hf_lsce.loss import label_smoothed_cross_entropy, mean_denominator, safe_divide, smoothing_coefficients
 
 # The default tile holds as many logits as this many rows of the vocabulary (with their bf16/fp16 copy and the
 # soft-cap's derivative when there are some): 128 MiB of fp32 logits at V = 131072, whatever the number of tokens.
@@ -96,7 +105,9 @@ def linear_label_smoothed_cross_entropy(
     grad; a head tied to the input embeddings gets this gradient added to the embedding's by autograd). Logits,
     softmax and loss are computed in fp32 (fp64 for fp64 inputs); the matrix products run in the inputs' dtype, as in
     the model's own head, and a bf16/fp16 head's gradient is accumulated in fp32. The loss is fp32 (fp64); the
-    gradients have their inputs' dtypes. Twice-differentiable use (``create_graph=True``) is not supported.
+    gradients have their inputs' dtypes. Higher-order gradients are exact: a backward pass with ``create_graph=True``
+    and `torch.func` transforms (``grad``, ``vmap``, ...) compute from materialized logits (see the module docstring),
+    so only first-order training is free of the (tokens, vocabulary) tensor.
 
     Transformers applies either a scale (Cohere: ``logits * logit_scale``; Granite: ``logits / logits_scaling``,
     i.e. ``logit_scale = 1 / logits_scaling``) or a soft cap (Gemma 2 and 3: ``final_logit_softcapping``) to the
@@ -122,7 +133,8 @@ def linear_label_smoothed_cross_entropy(
         normalizer (`float` or 0-d `torch.Tensor`, *optional*): with ``reduction="mean"``, divide the sum by this
             instead (e.g. the denominator summed over an accumulation window and all processes). Must be > 0.
         validate (`bool`, *optional*, defaults to `True`): check label range, class weights and normalizer values
-            (reads tensor values, which synchronizes with a GPU).
+            (reads tensor values, which synchronizes with a GPU). Inside `torch.func.vmap`, which cannot read
+            values, they are skipped.
         logit_softcap (`float`, *optional*): ``cap > 0``: logits become ``cap * tanh(z / cap)``.
         logit_scale (`float`, *optional*): a finite multiplier > 0 of the logits, applied before the cap.
         chunk_bytes (`int`, *optional*): about the bytes of one tile of logits in fp32 (with its low-precision copy
@@ -141,6 +153,8 @@ def linear_label_smoothed_cross_entropy(
     """
     check_loss_options(label_smoothing, reduction, smoothing_style, weight_mode, ignore_index)
     _check_head_tensors(hidden, head_weight, head_bias, target)
+    # Under torch.func.vmap no value can be read: the value checks are skipped, as with validate=False.
+    validate = validate and not vmap_active()
     num_classes = head_weight.shape[0]
     check_device("class_weight", class_weight, hidden.device, other="hidden")
     check_device("normalizer", normalizer, hidden.device, other="hidden")
@@ -152,6 +166,24 @@ def linear_label_smoothed_cross_entropy(
             raise ValueError(
                 f"linear_label_smoothed_cross_entropy computes no gradient for {name}, which requires grad"
             )
+
+    if functorch_transforms_active():
+        # torch.func cannot run an autograd.Function without setup_context; the logits path is made of operations
+        # it knows (and materializes the logits).
+        logits = _final_logits(hidden, head_weight, head_bias, logit_scale, logit_softcap)
+        return label_smoothed_cross_entropy(
+            logits,
+            target,
+            class_weight,
+            ignore_index,
+            reduction,
+            label_smoothing,
+            smoothing_style=smoothing_style,
+            weight_mode=weight_mode,
+            normalizer=normalizer,
+            validate=validate,
+            implementation="reference",
+        )
 
     labels = target.reshape(-1)
     if labels.dtype != torch.int64:
@@ -411,7 +443,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, class_weight, reduction_scale, options):
         dtype = options.dtype
         x = hidden.detach().reshape(-1, hidden.shape[-1])
-        weight, bias = weight.detach(), None if bias is None else bias.detach()
+        head_weight, head_bias = weight.detach(), None if bias is None else bias.detach()
         w = None if class_weight is None else class_weight.detach().to(dtype)
         rows = _counted_rows(labels, w, options)
         # Only a class weight that varies over the classes enters the tiles; otherwise v is per row.
@@ -422,14 +454,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             factor = reduction_scale * factor
         in_forward = any(options.needs) and not options.recompute
 
-        grads = _Gradients(x, weight, bias, rows, options, by_blocks=False) if in_forward else None
+        grads = _Gradients(x, head_weight, head_bias, rows, options, by_blocks=False) if in_forward else None
         stats = torch.empty(4, len(rows), 1, dtype=dtype, device=x.device)
         step = max(1, _tile_logits(x.dtype, options, in_forward) // options.num_classes)
         scratch = _Scratch()
         for start in range(0, len(rows), step):
             end = min(start + step, len(rows))
             h = rows.hidden(x, start, end)
-            z, derivative = _logits(h, weight, bias, options, scratch, in_forward)
+            z, derivative = _logits(h, head_weight, head_bias, options, scratch, in_forward)
             factors = None
             if in_forward:
                 factors = (
@@ -441,7 +473,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if in_forward:
                 if derivative is not None:
                     z.mul_(derivative)
-                _add_row_chunk(grads, z, h, weight, start, end, scratch)
+                _add_row_chunk(grads, z, h, head_weight, start, end, scratch)
 
         picked, spread, top, peak = stats.squeeze(2)
         # At the row's maximum p = exp(max - lse) >= 1 / V: this log-sum-exp loses nothing to underflow.
@@ -451,11 +483,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             losses -= rows.spread * spread
 
         ctx.options = options
-        if in_forward:
-            ctx.grads = grads.finish(hidden.shape)
-        elif any(options.needs):
+        if any(options.needs):
+            # The inputs themselves, not copies: read by the recomputation and by a backward pass that builds a graph
+            # (create_graph=True, `_gradient_graph`), which must differentiate through them.
             ctx.save_for_backward(hidden, weight, bias, class_weight, reduction_scale)
             ctx.rows, ctx.lse = rows, lse
+        if in_forward:
+            ctx.grads = grads.finish(hidden.shape)
         if options.reduction == "none":
             if rows.index is not None:
                 losses = torch.zeros(labels.shape[0], dtype=dtype, device=x.device).index_copy_(0, rows.index, losses)
@@ -464,10 +498,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total if reduction_scale is None else total * reduction_scale
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         options = ctx.options
-        if options.recompute:
+        if torch.is_grad_enabled():
+            # create_graph=True (e.g. a gradient penalty): the tiles' gradients would be constants to autograd and
+            # the second-order term would be lost; they are recomputed with differentiable operations.
+            grads = _gradient_graph(ctx, grad_output)
+        elif options.recompute:
             grads = _recompute_gradients(ctx, grad_output)
         else:
             grads = ctx.grads
@@ -621,6 +658,7 @@ def _recompute_gradients(ctx, grad_output):
     options, rows, lse = ctx.options, ctx.rows, ctx.lse
     dtype = options.dtype
     x = hidden.detach().reshape(-1, hidden.shape[-1])
+    weight, bias = weight.detach(), None if bias is None else bias.detach()
     w = None if class_weight is None else class_weight.to(dtype)
     tile_weight = w if w is not None and options.weight_mode == "torch" else None
     num_rows, num_classes = len(rows), options.num_classes
@@ -686,3 +724,63 @@ def _recompute_gradients(ctx, grad_output):
         if weight_sum is not None and weight_sum.dtype != grads.weight.dtype:
             grads.weight[first:last] = weight_sum
     return grads.finish(hidden.shape)
+
+
+def _final_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float | None, softcap: float | None):
+    """The head's logits as the tiles hold them, in differentiable operations: ``F.linear`` in the inputs' dtype,
+    then in fp32 (fp64) scaled and soft-capped."""
+    z = F.linear(hidden, weight, bias)
+    z = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32)
+    if scale is not None:
+        z = z * scale
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
+def _gradient_graph(ctx, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of hidden, head_weight and head_bias as differentiable PyTorch operations on the saved inputs.
+
+    This is what a backward pass with ``create_graph=True`` returns, in either order (``recompute``): autograd can
+    differentiate it again, with respect to the inputs and to ``grad_output``, so every higher-order gradient is
+    exact. The counted rows' logits (and a few tensors of their size) are materialized, as on the logits path.
+    """
+    hidden, weight, bias, class_weight, reduction_scale = ctx.saved_tensors
+    options, rows = ctx.options, ctx.rows
+    dtype = options.dtype
+    x = hidden.reshape(-1, hidden.shape[-1])
+    h = rows.hidden(x, 0, len(rows))
+    # The tiles' logits as a graph. g = d loss / d z is multiplied by the final logits' derivative with respect to the
+    # head's output: the scale (in the per-row factor) and the cap's 1 - tanh^2.
+    z = _final_logits(h, weight, bias, options.scale, options.softcap)
+    derivative = None if options.softcap is None else 1 - (z / options.softcap) ** 2
+    tile_weight = None
+    if class_weight is not None and options.weight_mode == "torch":
+        tile_weight = class_weight.to(dtype)
+    terms = RowTerms(rows.target, None, picked=rows.picked, spread=rows.spread, total=rows.total)
+    g = smoothed_gradient(z, terms, tile_weight)
+    if derivative is not None:
+        g = g * derivative
+    factor = grad_output.to(dtype)
+    if options.reduction == "none":
+        factor = factor.reshape(-1)
+        factor = (factor if rows.index is None else factor[rows.index])[:, None]
+    if reduction_scale is not None:
+        factor = factor * reduction_scale
+    if options.scale is not None:
+        factor = factor * options.scale
+    g = g * factor
+
+    need_hidden, need_weight, need_bias = options.needs
+    grad_hidden = grad_weight = grad_bias = None
+    if need_hidden:
+        grad_rows = g @ weight.to(dtype)
+        if rows.index is not None:
+            # Ignored rows get exactly 0.
+            grad_rows = grad_rows.new_zeros(x.shape).index_copy(0, rows.index, grad_rows)
+        grad_hidden = grad_rows.to(hidden.dtype).view(hidden.shape)
+    if need_weight:
+        grad_weight = (g.T @ h.to(dtype)).to(weight.dtype)
+    if need_bias:
+        grad_bias = g.sum(0).to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias

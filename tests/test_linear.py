@@ -360,6 +360,108 @@ def test_gradcheck(linear, reduction):
         assert torch.autograd.gradcheck(loss, inputs)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Higher-order gradients and torch.func
+
+
+def penalized_gradients(fn, hidden, head_weight, target, head_bias, *args, **kwargs):
+    """Gradients of ``loss + |d loss / d (hidden, head_weight, head_bias)|^2`` (a gradient penalty), via
+    ``torch.autograd.grad(..., create_graph=True)``, and of the loss alone."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, head_weight, head_bias)]
+    loss = fn(leaves[0], leaves[1], target, leaves[2], *args, **kwargs)
+    if loss.dim():
+        loss = (loss * torch.arange(loss.numel()).remainder(5).add(1).reshape(loss.shape)).sum()
+    first = torch.autograd.grad(loss, leaves, create_graph=True)
+    penalty = sum(g.pow(2).sum() for g in first)
+    return torch.autograd.grad(loss + penalty, leaves, retain_graph=True), torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("head", ["plain", "scale+softcap"])
+def test_gradient_penalty_equals_logits_path(linear, reduction, head):
+    """create_graph=True: a gradient penalty's gradient (second-order terms included) equals the logits path's, in
+    either order of the work. Negative control: the loss's gradient alone (what a once-differentiable backward gave,
+    its gradient being a constant to autograd) is far from it."""
+    if not applicable(linear, dict(reduction=reduction)):
+        pytest.skip("recompute=False has no reduction='none'")
+    hidden, weight, bias, target, class_weight = make_head((2, 6), 5, 70)
+    extras = dict(logit_scale=0.7, logit_softcap=2.0) if head != "plain" else {}
+    for mode in ("torch", "example"):
+        options = dict(reduction=reduction, label_smoothing=0.2, weight_mode=mode, **extras)
+        expected, first_order = penalized_gradients(logits_path, hidden, weight, target, bias, class_weight, **options)
+        actual, _ = penalized_gradients(linear, hidden, weight, target, bias, class_weight, **options)
+        for name, a, e, f in zip(("hidden", "head_weight", "head_bias"), actual, expected, first_order):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+            assert (f - e).abs().max() > 1e-3, name
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradgradcheck(linear, reduction):
+    """Second derivatives against finite differences (torch.autograd.gradgradcheck, fp64), through the scale, the
+    cap, class weights and ignored positions, with respect to the inputs and the incoming gradient."""
+    if not applicable(linear, dict(reduction=reduction)):
+        pytest.skip("recompute=False has no reduction='none'")
+    hidden, weight, bias, target, class_weight = make_head((2, 3), 4, 7, ignored=0.3, seed=1)
+    assert (target == -100).any() and (target != -100).any()
+    options = dict(reduction=reduction, label_smoothing=0.3, logit_softcap=2.5, logit_scale=0.8)
+    for mode in ("torch", "example"):
+
+        def loss(h, w, b, mode=mode):
+            return linear(h, w, target, b, class_weight, weight_mode=mode, **options)
+
+        inputs = tuple(t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+        assert torch.autograd.gradgradcheck(loss, inputs)
+
+
+def test_create_graph_with_some_inputs_frozen(linear):
+    """Only the head's weight requires grad: its penalized gradient still equals the logits path's."""
+    hidden, weight, bias, target, class_weight = make_head((3, 4), 5, 30)
+    results = []
+    for fn in (logits_path, linear):
+        w = weight.clone().requires_grad_(True)
+        loss = fn(hidden, w, target, bias, class_weight, label_smoothing=0.1, logit_softcap=3.0)
+        (grad,) = torch.autograd.grad(loss, w, create_graph=True)
+        results.append(torch.autograd.grad(loss + grad.pow(2).sum(), w)[0])
+    torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-12)
+
+
+def test_torch_func_grad_and_vmap():
+    """Under torch.func the loss runs (from materialized logits): torch.func.grad equals the tiled path's autograd
+    gradient, vmap over sequences equals a loop, and per-sequence gradients of sums add up to the batch's."""
+    hidden, weight, bias, target, class_weight = make_head((3, 4), 5, 40)
+    options = dict(label_smoothing=0.1, logit_scale=0.7, logit_softcap=3.0)
+
+    def loss(h, w, y, **extra):
+        return linear_label_smoothed_cross_entropy(h, w, y, bias, class_weight, **options, **extra)
+
+    expected = loss_and_grads(lambda h, w, y, b: loss(h, w, y), hidden, weight, target, bias)
+    grad_hidden, grad_weight = torch.func.grad(loss, argnums=(0, 1))(hidden, weight, target)
+    torch.testing.assert_close(grad_hidden, expected[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_weight, expected[2], rtol=1e-10, atol=1e-12)
+
+    batched = torch.func.vmap(loss)(hidden, weight.expand(3, -1, -1), target)
+    torch.testing.assert_close(batched, torch.stack([loss(h, weight, y) for h, y in zip(hidden, target)]))
+
+    per_sequence = torch.func.vmap(torch.func.grad(functools.partial(loss, reduction="sum"), argnums=1), (0, None, 0))
+    grads = per_sequence(hidden, weight, target)
+    assert grads.shape == (3, *weight.shape)
+    whole = loss_and_grads(lambda h, w, y, b: loss(h, w, y, reduction="sum"), hidden, weight, target, bias)[2]
+    torch.testing.assert_close(grads.sum(0), whole, rtol=1e-10, atol=1e-12)
+    # Negative control: one sequence's gradient is not the batch's.
+    assert (grads[0] - whole).abs().max() > 1e-3
+
+
+def test_torch_func_keeps_the_argument_checks():
+    """Bad arguments raise the same errors under torch.func (label values are not read inside vmap)."""
+    hidden, weight, _, target, _ = make_head((2, 4), 3, 6)
+    with pytest.raises(ValueError, match=r"logit_scale must be a float in \(0, inf\), got -1.0"):
+        torch.func.grad(lambda w: linear_label_smoothed_cross_entropy(hidden, w, target, logit_scale=-1.0))(weight)
+    bad = target.clone()
+    bad[0, 0] = 6
+    with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 6\)"):
+        torch.func.grad(lambda w: linear_label_smoothed_cross_entropy(hidden, w, bad))(weight)
+
+
 def test_no_grad_gives_the_same_value(linear):
     hidden, weight, bias, target, class_weight = make_head((4, 5), 6, 20)
     hidden.requires_grad_(True)

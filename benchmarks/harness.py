@@ -7,7 +7,8 @@ The benchmarks are modules of the ``benchmarks`` package, run from the repositor
     python -m benchmarks.report --readme docs/performance.md
 
 From there the example scripts' folder is importable as ``examples`` (a namespace package): the benchmarks take the
-atomic writer, the Markdown paste and the PyPI model lookup from ``examples/common.py`` instead of keeping copies.
+Markdown paste and the PyPI model lookup from ``examples/common.py``, and write records with ``hf_lsce._io``'s atomic
+writer, instead of keeping copies.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def command_line() -> str:
 def write_record(path: Path, benchmark: str, info: dict, started: float, rows: list[dict], **fields) -> None:
     """Writes a benchmark's JSON record whole: the command, the machine (with the load average now), ``fields``,
     the wall time and the rows."""
-    from examples.common import write_atomic
+    from hf_lsce._io import write_atomic
 
     info["load_average_end"] = os.getloadavg()
     record = {

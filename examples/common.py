@@ -20,7 +20,6 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import typing
 import urllib.error
@@ -32,6 +31,9 @@ from typing import Any
 import numpy as np
 import yaml
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
+
+# Every file the examples write is written whole, by the library's one writer (importable from here as before).
+from hf_lsce._io import atomic_open, write_atomic  # noqa: F401
 
 EXTENDS_KEY = "extends"
 PYPI_MODELS = {
@@ -521,47 +523,6 @@ def from_pretrained(auto_class, name_or_path: str, flag: str = "--model_name_or_
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", **open_kwargs):
-    """Opens a temporary file next to `path` for writing; on a clean exit, renames it onto `path`.
-
-    Every file the examples write goes through here: a reader sees the old file or the new one, never a part of
-    one, and a process killed at any instant leaves `path` as it was (plus, at worst, a hidden `.<name>.*.tmp` file).
-    An exception inside the block removes the temporary file and leaves `path` untouched. The new file keeps the
-    permissions of the file it replaces (a new one gets the usual ones, 0o666 less the umask).
-
-    Args:
-        path (`str` or `os.PathLike`): the file to write; its folder must exist.
-        mode (`str`, *optional*, defaults to `"w"`): `"w"` (text) or `"wb"` (bytes).
-        **open_kwargs: passed to `open` (`newline=""` for `csv`, `encoding=...`).
-
-    Yields:
-        The open file object.
-    """
-    if mode not in ("w", "wb"):
-        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with open(descriptor, mode, **open_kwargs) as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())  # the data is on disk before the name points at it
-        os.chmod(temporary, _permissions_for(path))
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
-def write_atomic(path: str | os.PathLike, content: str | bytes) -> Path:
-    """Writes `content` (text or bytes) to `path` through `atomic_open`; returns `path` as a `Path`."""
-    with atomic_open(path, "wb" if isinstance(content, bytes) else "w") as file:
-        file.write(content)
-    return Path(path)
-
-
 def paste_into_readme(readme: str | Path, marker: str | None, content: str) -> None:
     """Replaces the text between ``<!-- results:marker -->`` and ``<!-- /results:marker -->`` with ``content``.
 
@@ -581,15 +542,6 @@ def paste_into_readme(readme: str | Path, marker: str | None, content: str) -> N
     before, rest = text.split(start)
     _, after = rest.split(end)
     write_atomic(readme, f"{before}{start}\n{content.strip()}\n{end}{after}")
-
-
-def _permissions_for(path: Path) -> int:
-    try:
-        return path.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        umask = os.umask(0)  # the only way to read it is to set it
-        os.umask(umask)
-        return 0o666 & ~umask
 
 
 def read_json_record(path: str | os.PathLike) -> dict | None:

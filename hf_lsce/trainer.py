@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from collections.abc import Callable
 
 import torch
@@ -34,6 +33,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
+from hf_lsce._io import write_atomic
 from hf_lsce.causal_lm import LinearHead, find_linear_head, head_loss, resolve_linear_head
 from hf_lsce.checks import IGNORE_INDEX, check_class_weight_values, check_labels, describe
 from hf_lsce.class_weights import compute_class_weights
@@ -679,14 +679,14 @@ class SmoothingTrainerMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model`, plus ``class_weights.json`` next to the model when the trainer has class weights.
 
-        The file is written whole: to a temporary file in the same folder, then renamed into place.
+        The file is written whole, with the permissions of the other checkpoint files (`hf_lsce._io.write_atomic`).
         """
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.class_weights is not None and self.args.should_save:
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             os.makedirs(output_dir, exist_ok=True)
             record = {"method": self.class_weights_method, "class_weights": self.class_weights.tolist()}
-            _write_json_atomically(os.path.join(output_dir, CLASS_WEIGHTS_NAME), record)
+            write_atomic(os.path.join(output_dir, CLASS_WEIGHTS_NAME), json.dumps(record, indent=2))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`; when resuming, balanced class weights are read back from the checkpoint.
@@ -759,16 +759,3 @@ def _read_class_weights(path: str, num_classes: int | None) -> list[float]:
         raise ValueError(f"{path}: expected a JSON object with a 'class_weights' list, got {describe(record)}")
     check_class_weight_values(weights, num_classes, source=path)
     return [float(weight) for weight in weights]
-
-
-def _write_json_atomically(path: str, record: dict) -> None:
-    # A run killed mid-write leaves the previous file (or none), never a truncated one.
-    directory, name = os.path.split(path)
-    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise

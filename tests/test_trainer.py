@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import transformers
 from packaging import version
 
+import hf_lsce._io
 import hf_lsce.fused
 import hf_lsce.trainer
 from hf_lsce import SmoothingTrainer, label_smoothed_cross_entropy
@@ -282,7 +283,7 @@ def test_resume_without_weights_file_warns_that_weights_are_recomputed(tmp_path,
     assert resumed["logged"] == pytest.approx(full["logged"], abs=LOG_TOLERANCE)
 
 
-def test_class_weights_file_is_written_whole(tmp_path, monkeypatch):
+def test_class_weights_file_is_written_whole_with_the_checkpoint_permissions(tmp_path, monkeypatch):
     trainer = SmoothingTrainer(
         model=tasks.model("seq_cls"), args=tasks.training_args(tmp_path, 2, 1, class_weights=[1.0, 2.0, 3.0])
     )
@@ -291,18 +292,23 @@ def test_class_weights_file_is_written_whole(tmp_path, monkeypatch):
     path = out / "class_weights.json"
     before = path.read_text()
     assert json.loads(before) == {"method": "given", "class_weights": [1.0, 2.0, 3.0]}
+    # The permissions of the files Transformers writes beside it (open's), not mkstemp's 0o600.
+    assert path.stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777 != 0o600
     files = sorted(os.listdir(out))
     assert not [name for name in files if name.endswith(".tmp")]
 
-    def killed_mid_write(record, f, **kwargs):
-        f.write('{"method": "giv')
+    def killed_before_the_rename(path):  # the data is written and synced, the name not yet moved
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hf_lsce.trainer.json, "dump", killed_mid_write)
+    trainer.class_weights = torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64)
+    monkeypatch.setattr(hf_lsce._io, "_permissions_for", killed_before_the_rename)
     with pytest.raises(KeyboardInterrupt):
-        hf_lsce.trainer._write_json_atomically(str(path), {"method": "given", "class_weights": [4.0, 5.0, 6.0]})
+        trainer.save_model(str(out))
     assert path.read_text() == before  # the previous file, whole
     assert sorted(os.listdir(out)) == files  # and no temporary file left behind
+    monkeypatch.undo()
+    trainer.save_model(str(out))
+    assert json.loads(path.read_text())["class_weights"] == [4.0, 5.0, 6.0]
 
 
 def test_bf16_autocast_on_cpu(tmp_path):

@@ -125,9 +125,11 @@ class SmoothingTrainerMixin:
             checkpoint, and read back from it when training resumes.
         shift_labels (`bool`, *optional*): force (True) or forbid (False) the causal-LM shift; None detects it.
         fused_linear (`bool` or `str`, *optional*): overrides ``args.fused_linear``: train a causal LM without its
-            logits (`hf_lsce.causal_lm`; the same loss and gradients, by `linear_label_smoothed_cross_entropy`). Only
-            training steps take that path: evaluation, ``predict`` and ``compute_loss(..., return_outputs=True)``
-            use the logits, and `_record_batch_metrics` then gets ``logits=None``.
+            logits (`hf_lsce.causal_lm`; the same loss and gradients, by `linear_label_smoothed_cross_entropy`).
+            Training steps and loss-only evaluation steps (``evaluate()`` without ``compute_metrics``; not in
+            subclasses that override `_record_batch_metrics`) take that path, and `_record_batch_metrics` then gets
+            ``logits=None``; evaluation with ``compute_metrics``,
+            ``predict`` and a direct ``compute_loss(..., return_outputs=True)`` compute the logits.
     """
 
     # The arguments class the options are resolved into (a `TrainingArguments` subclass with `SmoothingArguments`).
@@ -213,6 +215,7 @@ class SmoothingTrainerMixin:
         if self.model is not None:
             self._inspect_model(shift_labels)
         self._linear_head = None
+        self._loss_only_prediction = False
         if self.model is not None and (self._is_causal_lm or self.args.fused_linear is True):
             self._linear_head = self._resolve_linear_head(self.args.fused_linear)
 
@@ -486,13 +489,15 @@ class SmoothingTrainerMixin:
         mode = "train" if in_window else "eval" if self._eval_totals is not None else None
         # In the window, `get_batch_samples` has checked the values already.
         sample_weight = self._check_sample_weight(sample_weight, targets, mode, check_values=not in_window)
-        if self._linear_head is not None and model.training and not return_outputs:
+        if self._linear_head is not None and (self._loss_only_prediction or (model.training and not return_outputs)):
             # The head's forward computes the loss from its input: no logits (see hf_lsce.causal_lm).
             linear_head = self._current_linear_head(model)
-            with head_loss(linear_head, functools.partial(self._linear_loss, targets, sample_weight)) as head:
+            loss = functools.partial(self._linear_loss, targets, sample_weight, model.training)
+            with head_loss(linear_head, loss) as head:
                 model(**inputs)
             self._record_batch_metrics(inputs, None, targets)
-            return head.loss
+            # A loss-only prediction step reads no outputs.
+            return (head.loss, {}) if return_outputs else head.loss
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         loss = self._smoothed_loss(logits, targets, in_training=model.training, sample_weight=sample_weight)
@@ -519,7 +524,7 @@ class SmoothingTrainerMixin:
         and in what the mean divides by (`_denominator`). In evaluation the sums behind ``eval_loss`` and
         ``eval_nll`` are added up as well (``eval_nll`` stays unweighted). ``score(targets, weight, ignore_index,
         reduction, eps, **options)`` replaces ``label_smoothed_cross_entropy(logits, ...)`` where the logits do not
-        exist (`_linear_loss`, in training only).
+        exist (`_linear_loss`).
         """
         if score is None:
             score = functools.partial(label_smoothed_cross_entropy, logits)
@@ -545,7 +550,8 @@ class SmoothingTrainerMixin:
                 return total / normalizer if normalizer else total * 0
         denominator = self._denominator(targets, weight, sample_weight)
         if self._eval_totals is not None:
-            nll = label_smoothed_cross_entropy(logits.detach(), targets, reduction="sum")
+            with torch.no_grad():
+                nll = score(targets, None, IGNORE_INDEX, "sum", 0.0)
             count = mean_denominator(targets, None, IGNORE_INDEX)
             sums = torch.stack([total.detach().double(), denominator.double(), nll.double(), count.double()])
             self._eval_totals += sums.to(self._eval_totals.device)
@@ -563,20 +569,21 @@ class SmoothingTrainerMixin:
         self,
         targets: Tensor,
         sample_weight: Tensor | None,
+        in_training: bool,
         hidden: Tensor,
         head_weight: Tensor,
         head_bias: Tensor | None,
         **head_options,
     ) -> Tensor:
-        """`_smoothed_loss` in training, from the head's input and parameters (``head_options``: the head's logit
-        scale or soft cap) by `linear_label_smoothed_cross_entropy`."""
+        """`_smoothed_loss` from the head's input and parameters (``head_options``: the head's logit scale or soft
+        cap) by `linear_label_smoothed_cross_entropy`: in training, and in loss-only evaluation steps."""
 
         def score(target, weight, *args, **options):
             return linear_label_smoothed_cross_entropy(
                 hidden, head_weight, target, head_bias, weight, *args, **options, **head_options
             )
 
-        return self._smoothed_loss(None, targets, True, sample_weight, score)
+        return self._smoothed_loss(None, targets, in_training, sample_weight, score)
 
     def _record_batch_metrics(self, inputs: dict[str, Tensor], logits: Tensor, targets: Tensor) -> None:
         """Called after each loss with the model's inputs (labels removed), logits and targets; a hook for subclasses
@@ -636,16 +643,25 @@ class SmoothingTrainerMixin:
         `Trainer.prediction_step` calls `compute_loss`. `Seq2SeqTrainer.prediction_step` with
         ``predict_with_generate=True`` runs the model itself and takes its loss from ``self.label_smoother`` (else
         the model's own): the smoothed, weighted loss is put there for the call, so ``eval_loss`` and ``eval_nll``
-        stay this trainer's.
+        stay this trainer's. With ``fused_linear`` on, a loss-only step (``prediction_loss_only``) computes the loss
+        without the logits, except in subclasses that override `_record_batch_metrics`.
         """
         inputs = dict(inputs)
         # Not a model input: `Seq2SeqTrainer` would pass it to `generate` and to the model; the loss reads it here.
         self._prediction_sample_weight = inputs.pop(SAMPLE_WEIGHT_KEY, None)
         self.label_smoother = self._score_outputs
+        # A loss-only step (`evaluate()` without compute_metrics) needs no logits: the linear head path serves it,
+        # unless a subclass logs metrics from the logits (`SmoothingSFTTrainer`: TRL's entropy and accuracy).
+        self._loss_only_prediction = (
+            bool(prediction_loss_only)
+            and self._linear_head is not None
+            and type(self)._record_batch_metrics is SmoothingTrainerMixin._record_batch_metrics
+        )
         try:
             return super().prediction_step(model, inputs, prediction_loss_only, *args, **kwargs)
         finally:
             self.label_smoother = None
+            self._loss_only_prediction = False
             self._prediction_sample_weight = None
 
     def evaluation_loop(

@@ -63,7 +63,8 @@ class SmoothingArguments:
             `hf_lsce.linear_label_smoothed_cross_entropy` (same loss, gradients and normalization; no (tokens,
             vocabulary) tensor). True requires it (a model whose head it cannot reproduce raises at construction),
             False never uses it, ``"auto"`` uses it on CPU for supported models whose vocabulary has at least
-            `hf_lsce.causal_lm.LINEAR_MIN_VOCABULARY` entries. Evaluation and ``predict`` keep the logits.
+            `hf_lsce.causal_lm.LINEAR_MIN_VOCABULARY` entries. Loss-only evaluation takes it too;
+            evaluation with ``compute_metrics`` and ``predict`` compute the logits.
 
     Model selection: ``metric_for_best_model`` naming a metric where lower is better (``nll``, ``ece``, ``brier``,
     ``aurc`` or ``error_at_80_coverage``, with or without the ``eval_`` prefix) resolves an unset

@@ -147,21 +147,30 @@ def test_shift_labels_batch_key_is_the_target(tmp_path, references):
     _check_equal(lt.run("llama", tmp_path / "lin", 2, 4, data_collator=collate), reference)
 
 
-def test_evaluation_keeps_the_logits(tmp_path):
-    eval_set = tasks.examples("causal_lm")
-    losses = {}
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "sample_weight"])
+def test_loss_only_evaluation_takes_the_linear_path_and_predict_keeps_the_logits(tmp_path, weighted):
+    """``evaluate()`` without compute_metrics needs no logits: eval_loss and eval_nll as on the logits path. With
+    compute_metrics, and in ``predict``, the logits are computed."""
+    eval_set = tasks.weighted_dataset("causal_lm") if weighted else tasks.examples("causal_lm")
+    metrics = {}
     for fused_linear in (False, True):
         net = lt.model("llama")
         widths = lt.HeadOutputs(net.lm_head)
-        args = tasks.training_args(tmp_path / str(fused_linear), 4, 1, fused_linear=fused_linear)
-        trainer = SmoothingTrainer(
-            model=net, args=args, eval_dataset=eval_set, data_collator=tasks.collator("causal_lm")
-        )
-        losses[fused_linear] = trainer.evaluate()["eval_loss"]
+        weights = tasks.class_weights("causal_lm")
+        args = tasks.training_args(tmp_path / str(fused_linear), 4, 1, fused_linear=fused_linear,
+                                   per_device_eval_batch_size=3, class_weights=weights)  # fmt: skip
+        trainer = SmoothingTrainer(model=net, args=args, data_collator=tasks.collator("causal_lm"))
+        metrics[fused_linear] = trainer.evaluate(eval_set)
+        assert set(widths.widths) == {1 if fused_linear else tasks.VOCAB_SIZE}
+        widths.widths.clear()
+        trainer.compute_metrics = lambda prediction: {"logits_width": prediction.predictions.shape[-1]}
+        assert trainer.evaluate(eval_set)["eval_logits_width"] == tasks.VOCAB_SIZE
+        assert trainer.predict(eval_set).predictions.shape[-1] == tasks.VOCAB_SIZE
         assert set(widths.widths) == {tasks.VOCAB_SIZE}
-        predictions = trainer.predict(eval_set).predictions
-        assert predictions.shape[-1] == tasks.VOCAB_SIZE
-    assert losses[True] == losses[False]
+    for name in ("eval_loss", "eval_nll"):
+        assert metrics[True][name] == pytest.approx(metrics[False][name], rel=1e-6)
+    # eps = 0.1 and class weights: the smoothed, weighted loss is not the plain cross-entropy.
+    assert abs(metrics[True]["eval_loss"] - metrics[True]["eval_nll"]) > 1e-2
 
 
 def test_bf16_autocast_on_cpu(tmp_path):
@@ -176,13 +185,17 @@ def test_sft_trainer_equals_full_batch_and_keeps_token_count(tmp_path):
     import trainer_sft_tasks as sft
 
     reference = sft.full_batch_reference(tmp_path / "reference", weight_mode="example")
-    result = sft.run(tmp_path / "run", 2, 4, config_kwargs={"fused_linear": True})
+    result = sft.run(tmp_path / "run", 2, 4, config_kwargs={"fused_linear": True},
+                     trainer_kwargs={"eval_dataset": sft.dataset()})  # fmt: skip
     assert result["trainer"]._linear_head is not None
     assert tasks.max_abs_diff(result["params"], reference["params"]) <= 1e-6
     assert result["training_loss"] == pytest.approx(reference["loss"], abs=1e-6)
     # TRL's token count is logged; entropy and accuracy, which need logits, are not.
     logged = result["trainer"].state.log_history[0]
     assert logged["num_tokens"] > 0 and "entropy" not in logged and "mean_token_accuracy" not in logged
+    # Its evaluation keeps the logits, even loss-only, so that TRL's metrics are there.
+    metrics = result["trainer"].evaluate()
+    assert "eval_entropy" in metrics and "eval_mean_token_accuracy" in metrics
 
 
 # ---- the option ----

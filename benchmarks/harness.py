@@ -13,6 +13,10 @@ writer, instead of keeping copies.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import gc
 import json
 import os
 import platform
@@ -76,6 +80,29 @@ def _proc_status(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def release_free_memory() -> None:
+    """Collects garbage and hands the C heap's free pages back to the kernel (glibc's ``malloc_trim``), so that memory
+    freed earlier in this process is not counted as free room by the next `peak_rss_growth`."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)
+
+
+@contextlib.contextmanager
+def peak_rss_growth() -> Iterator[dict]:
+    """Measures, in this process, how far the RSS rose above its level at entry: ``{"bytes": growth}`` after the
+    block. Freed memory is handed back first (`release_free_memory`), so that the block's allocations are fresh pages;
+    PyTorch's CPU allocator keeps no cache of its own. A fresh process (`run_probe`) needs no such care but costs a
+    start-up per measurement."""
+    release_free_memory()
+    result = {}
+    base = rss_reset_peak()
+    yield result
+    result["bytes"] = rss_peak() - base
 
 
 def available_memory() -> int:

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -117,9 +118,7 @@ def available_memory() -> int:
 def run_probe(module: str, *args: str) -> dict:
     """Runs ``python -m module *args`` in a fresh process from the repository's root and returns the JSON object on
     the last line of its output, or ``{"error": last line of its stderr}`` if it failed."""
-    done = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, check=False, cwd=REPO
-    )
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, check=False, cwd=REPO)
     if done.returncode:
         lines = done.stderr.strip().splitlines()
         return {"error": lines[-1] if lines else done.returncode}
@@ -155,10 +154,9 @@ def machine(device: torch.device) -> dict:
         "load_average_start": os.getloadavg(),
     }
     try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
+        # From the installed metadata: importing Transformers for its version costs seconds.
+        info["transformers"] = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
         pass
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()

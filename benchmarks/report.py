@@ -3,12 +3,11 @@
     python -m benchmarks.report                               # results/README_table.md, results/bench_loss.png
     python -m benchmarks.report --readme docs/performance.md  # ... and pastes the table into that page
 
-Reads ``bench_loss.json`` (required), ``bench_trainer.json``, ``bench_loss_release_memory.json`` (``bench_loss.py
---release-memory``) and ``bench_trainer_wide*.json`` (``bench_trainer.py --wide``; each when present), as written by
-the benchmarks. With ``--readme PAGE`` (docs/performance.md
-holds the markers), the text between ``<!-- results:performance -->`` and ``<!-- /results:performance -->`` is
-replaced by the generated table (by examples/common.py's `paste_into_readme`); both markers must be there,
-once each, in that order.
+Reads ``bench_loss.json`` (required), ``bench_trainer.json``, ``bench_loss_release_memory.json`` (``bench_loss
+--release-memory``), ``bench_trainer_wide*.json`` (``bench_trainer --wide``) and ``bench_linear.json`` (each when
+present), as written by the benchmarks. With ``--readme PAGE`` (docs/performance.md holds the markers), the text
+between ``<!-- results:performance -->`` and ``<!-- /results:performance -->`` is replaced by the generated table
+(by examples/common.py's `paste_into_readme`); both markers must be there, once each, in that order.
 """
 
 from __future__ import annotations
@@ -40,6 +39,15 @@ TRAINER_VARIANTS = {
     "smoothing": "`SmoothingTrainer`, ε = 0.1, class weights",
     "smoothing_eps0": "`SmoothingTrainer`, ε = 0, no weights",
 }
+# bench_linear variants, in column order, with their names in the table.
+LINEAR_COLUMNS = {
+    "torch": "torch",
+    "linear": "linear",
+    "linear_recompute": "linear, recompute",
+    "fused_logits": "fused on logits",
+    "cce_compile": "CCE compile",
+}
+LINEAR_ERRORS = ("loss_rel_error", "grad_hidden_rel_error", "grad_weight_rel_error")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,6 +241,81 @@ def wide_trainer_table(records: list[dict]) -> str:
     return "\n".join(out)
 
 
+def linear_table(record: dict) -> str:
+    """bench_linear: time as a multiple of eager PyTorch's and of CCE's compiled path, memory, errors."""
+    rows = record["rows"]
+    present = {row["variant"] for row in rows if "skipped" not in row}
+    columns = [name for name in LINEAR_COLUMNS if name in present]
+    timed = [name for name in columns if name != "torch"]
+    hf_lsce_columns = [name for name in ("linear", "linear_recompute") if name in present]
+    cases: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        key = (row["dtype"], row["v"], row["eps"], row["weighted"])
+        cases.setdefault(key, {})[row["variant"]] = row
+    first = rows[0]
+    names = " / ".join(LINEAR_COLUMNS[name] for name in columns)
+    header = ["dtype", "V", "ε", "weights", "torch s", *(LINEAR_COLUMNS[name] for name in timed)]
+    if "cce_compile" in present:
+        header.append(f"× CCE compile: {' / '.join(LINEAR_COLUMNS[name] for name in hf_lsce_columns)}")
+    header += [f"extra memory × logits: {names}", f"max rel. error vs fp64: {names}"]
+    out = [
+        f"**Linear head + loss** (N = {first['n']} tokens, hidden size {first['d']}): time of forward + backward as a "
+        "multiple of eager PyTorch's, median [min–max] over rounds",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    skipped: dict[str, set[str]] = {}
+    for (dtype, v, eps, weighted), variants in cases.items():
+        torch_row = variants.get("torch")
+        torch_s = "–" if torch_row is None or "skipped" in torch_row else f"{torch_row['seconds_median']:.2f}"
+        cells = [dtype, f"{v}", f"{eps:g}", "yes" if weighted else "no", torch_s]
+        cells += [ratio_cell(variants.get(name)) for name in timed]
+        if "cce_compile" in present:
+            cce = variants.get("cce_compile")
+            cells.append(
+                " / ".join(f"{variants[name]['ratio_cce_median']:.2f}" for name in hf_lsce_columns)
+                if cce is not None and "skipped" not in cce
+                else "–"
+            )
+        run = [variants.get(name) for name in columns]
+        cells.append(
+            " / ".join("–" if r is None or "skipped" in r else f"{r['extra_memory_x_logits']:.2f}" for r in run)
+        )
+        cells.append(
+            " / ".join("–" if r is None or "skipped" in r else f"{max(r[e] for e in LINEAR_ERRORS):.0e}" for r in run)
+        )
+        out.append("| " + " | ".join(cells) + " |")
+        for name, row in variants.items():
+            if "skipped" in row:
+                skipped.setdefault(LINEAR_COLUMNS.get(name, name), set()).add(row["skipped"])
+    if skipped:
+        out += [
+            "",
+            "– not run (" + "; ".join(f"{name}: {', '.join(sorted(why))}" for name, why in skipped.items()) + ").",
+        ]
+    rounds = {}
+    for row in rows:
+        rounds.setdefault(row["rounds"], set()).add(row["v"])
+    rounds_text = ", ".join(
+        f"{r} round{'s' if r > 1 else ''} at V = {', '.join(str(v) for v in sorted(vs))}" for r, vs in rounds.items()
+    )
+    loads = [row["load_average"] for row in rows if "load_average" in row]
+    out += [
+        "",
+        f"{record['ignored_fraction']:.0%} of the labels ignored; interleaved rounds ({rounds_text}) after one "
+        "untimed call of each variant on a small case; every call computes fresh gradients of the hidden states and "
+        "the head. Extra memory: peak RSS growth of each call beyond the two parameter gradients, as a multiple of "
+        "the logits' size in the inputs' dtype (median over rounds, measured in the benchmark's process after "
+        "handing freed memory back to the kernel). Errors: max relative error of the loss and both gradients on the "
+        f"first {record['check_rows']} rows against an fp64 truth. The 1-minute load average before each case was "
+        f"{min(loads):.1f}–{max(loads):.1f} ({record['machine']['cpus']} CPUs, shared with other work)."
+        if loads
+        else "",
+    ]
+    return "\n".join(out)
+
+
 def machine_line(record: dict) -> str:
     info = record["machine"]
     where = info.get("gpu") or info.get("cpu", "?")
@@ -250,7 +333,11 @@ def machine_line(record: dict) -> str:
 
 
 def markdown(
-    loss_record: dict, trainer_record: dict | None, fresh_record: dict | None = None, wide_records: list[dict] = ()
+    loss_record: dict,
+    trainer_record: dict | None,
+    fresh_record: dict | None = None,
+    wide_records: list[dict] = (),
+    linear_record: dict | None = None,
 ) -> str:
     parts = [loss_tables(loss_record)]
     if fresh_record is not None:
@@ -259,8 +346,11 @@ def markdown(
         parts.append(trainer_table(trainer_record))
     if wide_records:
         parts.append(wide_trainer_table(list(wide_records)))
+    if linear_record is not None:
+        parts.append(linear_table(linear_record))
     records = [record for record in (loss_record, fresh_record, trainer_record) if record is not None]
     records += list(wide_records)
+    records += [] if linear_record is None else [linear_record]
     parts.append("\n\n".join(f"Measured by {machine_line(record)}." for record in records))
     return "\n\n".join(parts) + "\n"
 
@@ -352,6 +442,9 @@ def main():
         default=RESULTS / "bench_loss_release_memory.json",
         help="bench_loss.py --release-memory's record, if present",
     )
+    parser.add_argument(
+        "--linear", type=Path, default=RESULTS / "bench_linear.json", help="bench_linear's record, if present"
+    )
     parser.add_argument("--output-dir", type=Path, default=RESULTS, help="where README_table.md and the plot go")
     parser.add_argument(
         "--readme",
@@ -367,7 +460,8 @@ def main():
         print(f"{args.trainer} not found: no trainer table", file=sys.stderr)
     fresh_record = json.loads(args.release_memory.read_text()) if args.release_memory.is_file() else None
     wide_records = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("bench_trainer_wide*.json"))]
-    table = markdown(loss_record, trainer_record, fresh_record, wide_records)
+    linear_record = json.loads(args.linear.read_text()) if args.linear.is_file() else None
+    table = markdown(loss_record, trainer_record, fresh_record, wide_records, linear_record)
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "README_table.md").write_text(table)

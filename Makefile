@@ -72,11 +72,12 @@ study-imbalanced3: demo-data
 study-shift: demo-data
 	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_shift.yaml
 
-# Loss and trainer benchmarks, then the performance table (pasted into docs/performance.md) and plot (tens of minutes
-# on 2 cores).
+# Loss, trainer and linear-head benchmarks, then the performance tables (pasted into docs/performance.md) and plot
+# (over an hour on 2 cores).
 bench: demo-data
 	$(PY) -m benchmarks.bench_loss
 	$(OFFLINE) $(PY) -m benchmarks.bench_trainer
+	$(PY) -m benchmarks.bench_linear
 	$(PY) -m benchmarks.report --readme docs/performance.md
 
 clean:

@@ -1,10 +1,11 @@
 """SmoothingTrainer with fused_linear: causal LMs train without their logits, with the logits path's loss and gradient.
 
 The truth is the logits path (``fused_linear=False``, itself tested against `F.cross_entropy` in test_trainer.py) at
-batch 8: the linear path must give the same loss and every parameter's gradient (fp32, 1e-5 relative) at batch 8,
-2 x accumulation 4 and 2 processes x 4 (torchrun, gloo), for Llama, Qwen2, Mistral, GPT-2 (tied head), Gemma 2 (soft
-cap), Cohere (logit scale), Granite (logits scaling) and a LoRA Llama, and must call the head without producing
-logits (its output is ``(..., 1)``). A subprocess shows that a training step allocates far less than the logits.
+batch 8: the linear path must give the same loss and every parameter's gradient (fp32, 1e-5 relative) at batch 8, 2 x
+accumulation 4 and 2 processes x 4 (torchrun, gloo), for Llama, Qwen2, Mistral, GPT-2 (tied head), Gemma 2 (soft cap),
+Cohere (logit scale), Granite (logits scaling) and a LoRA Llama, and must call the head without producing logits (its
+output is ``(..., 1)``). ``"balanced"`` class weights are computed alike and give the same step. A subprocess shows
+that a training step allocates far less than the logits.
 """
 
 import json
@@ -20,7 +21,7 @@ import torch
 from transformers import BertForSequenceClassification, HfArgumentParser, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import hf_lsce.causal_lm
-from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments
+from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments, compute_class_weights
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -102,6 +103,41 @@ def test_sample_weights(tmp_path, references):
     for batch_size, grad_accum in ((8, 1), (2, 4)):
         result = lt.run("llama", tmp_path / f"{batch_size}", batch_size, grad_accum, train_dataset=data)
         assert result["head_widths"] == [1] * grad_accum
+        _check_equal(result, reference)
+
+
+def _every_token_as_a_label() -> list[dict]:
+    """Causal-LM examples of `tasks.LENGTHS` whose shifted labels hold every vocabulary id, unevenly ("balanced"
+    weights need a count for each class)."""
+    generator = torch.Generator().manual_seed(5)
+    labelled = sum(length - 1 for length in tasks.LENGTHS)
+    pool = torch.cat([torch.arange(tasks.VOCAB_SIZE), torch.randint(tasks.VOCAB_SIZE, (labelled - tasks.VOCAB_SIZE,),
+                                                                    generator=generator)])  # fmt: skip
+    pool = pool[torch.randperm(labelled, generator=generator)].tolist()
+    rows = []
+    for length in tasks.LENGTHS:
+        ids = [int(torch.randint(tasks.VOCAB_SIZE, (), generator=generator))] + pool[: length - 1]
+        pool = pool[length - 1 :]
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": ids})
+    return rows
+
+
+def test_balanced_class_weights(tmp_path):
+    data = _every_token_as_a_label()
+    reference = lt.run(
+        "llama", tmp_path / "ref", 8, 1, fused_linear=False, class_weights="balanced", train_dataset=data
+    )
+    weights = reference["trainer"].class_weights
+    shifted = torch.tensor([label for row in data for label in row["labels"][1:]])
+    torch.testing.assert_close(weights, compute_class_weights(shifted, tasks.VOCAB_SIZE).to(weights.dtype))
+    assert weights.unique().numel() > 1  # unequal counts, so the weights matter
+    unweighted = lt.run("llama", tmp_path / "none", 8, 1, fused_linear=False, class_weights=None, train_dataset=data)
+    assert abs(unweighted["loss"] - reference["loss"]) > 1e-3  # control: the weights change the step
+    for batch_size, grad_accum in ((8, 1), (2, 4)):
+        result = lt.run("llama", tmp_path / f"{batch_size}", batch_size, grad_accum, class_weights="balanced",
+                        train_dataset=data)  # fmt: skip
+        assert result["head_widths"] == [1] * grad_accum
+        torch.testing.assert_close(result["trainer"].class_weights, weights, rtol=0, atol=0)
         _check_equal(result, reference)
 
 
@@ -290,7 +326,7 @@ _MEMORY_SCRIPT = """
 import json, resource, sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer
-from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments
+from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments, compute_class_weights
 tokens, vocabulary = 8 * 256, 131072
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=vocabulary, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -63,6 +63,27 @@ def test_prompt_masks_are_in_the_truth(tmp_path, references):
     assert tasks.max_abs_diff(unmasked["params"], references["example"]["params"]) > 1e-3
 
 
+def test_assistant_only_masks_equal_the_truth_on_the_assistant_tokens(tmp_path):
+    """TRL's assistant_only_loss on multi-turn conversations (a chat template with {% generation %} markers): the
+    step is the full-batch truth over the assistant tokens, built by hand from the turns, at batch 8 and 2 x 4."""
+    data, batch = sft.conversations()
+    prepared = sft.prepared_batch(tmp_path / "prepare", data, sft.chat_tokenizer(), assistant_only_loss=True)
+    assert torch.equal(prepared["labels"], batch["labels"])  # TRL masks what the truth masks
+    truth = sft.full_batch_reference(tmp_path / "truth", batch=batch)
+    for batch_size, grad_accum in ((8, 1), (2, 4)):
+        result = sft.run(
+            tmp_path / f"{batch_size}x{grad_accum}", batch_size, grad_accum,
+            config_kwargs={"assistant_only_loss": True},
+            trainer_kwargs={"train_dataset": data, "processing_class": sft.chat_tokenizer()},
+        )  # fmt: skip
+        _check_matches_reference(result, truth)
+    # Control: without the masks every token is scored, and the step is another.
+    unmasked = sft.run(
+        tmp_path / "unmasked", 8, 1, trainer_kwargs={"train_dataset": data, "processing_class": sft.chat_tokenizer()}
+    )
+    assert tasks.max_abs_diff(unmasked["params"], truth["params"]) > 1e-3
+
+
 def test_packing_and_padding_free_batches_equal_full_batch(tmp_path, references):
     # bfd packing puts all 8 examples in one row without padding (position_ids restart per example); TRL marks the
     # first token of every example -100, so no example is scored from the one before it.

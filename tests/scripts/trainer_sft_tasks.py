@@ -48,6 +48,50 @@ def dataset(sample_weights=None) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
+# Assistant turns, and their end-of-turn token, inside `{% generation %}` markers: TRL's assistant_only_loss then
+# scores those tokens only. The [EOS] the template writes after each assistant turn is the turn's stop token.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }} "
+    "[EOS]{% endgeneration %}{% else %}{{ message['content'] }}{% endif %} {% endfor %}"
+)
+# Words per message of the 8 conversations (user, assistant, user, assistant, ...).
+TURNS = ((2, 3, 1, 1), (1, 2), (3, 1, 2, 2), (2, 4), (1, 1, 1, 3), (4, 2), (2, 2, 3, 1), (1, 5))
+
+
+def chat_tokenizer() -> PreTrainedTokenizerFast:
+    """`tokenizer()` with `CHAT_TEMPLATE`."""
+    chat = tokenizer()
+    chat.chat_template = CHAT_TEMPLATE
+    return chat
+
+
+def conversations() -> tuple[datasets.Dataset, dict]:
+    """The 8 conversations (a ``messages`` column), and the batch they make with assistant-only labels, built here
+    from the turns: every word is one token, each assistant turn is followed by [EOS], and only the assistant's tokens
+    and that [EOS] are labelled; rows padded on the right."""
+    generator = torch.Generator().manual_seed(1)
+    rows, token_rows, label_rows = [], [], []
+    for turns in TURNS:
+        messages, tokens, labels = [], [], []
+        for index, count in enumerate(turns):
+            ids = torch.randint(3, VOCAB_SIZE, (count,), generator=generator).tolist()
+            assistant = index % 2 == 1
+            messages.append({"role": "assistant" if assistant else "user", "content": " ".join(f"w{i}" for i in ids)})
+            ids = ids + [EOS] if assistant else ids
+            tokens += ids
+            labels += ids if assistant else [-100] * len(ids)
+        rows.append({"messages": messages})
+        token_rows.append(tokens)
+        label_rows.append(labels)
+    width = max(map(len, token_rows))
+    batch = {
+        "input_ids": torch.tensor([row + [0] * (width - len(row)) for row in token_rows]),
+        "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in token_rows]),
+        "labels": torch.tensor([row + [-100] * (width - len(row)) for row in label_rows]),
+    }
+    return datasets.Dataset.from_list(rows), batch
+
+
 def class_weights() -> list[float]:
     """One weight per vocabulary token, unequal and not monotone in the token id."""
     return [0.5 + 1.5 * ((7 * c) % VOCAB_SIZE) / (VOCAB_SIZE - 1) for c in range(VOCAB_SIZE)]
@@ -82,16 +126,16 @@ class OrderedSmoothingSFTTrainer(SequentialSamplerMixin, SmoothingSFTTrainer):
 
 def run(output_dir, batch_size, grad_accum, *, weights=True, config_kwargs=None, trainer_kwargs=None,
         net=None, sample_weights=None) -> dict:  # fmt: skip
-    """One optimizer step of SmoothingSFTTrainer; returns the parameters after it, the losses and the log."""
+    """One optimizer step of SmoothingSFTTrainer; returns the parameters after it, the losses and the log.
+
+    ``trainer_kwargs`` may replace the data (``train_dataset``, ``processing_class``)."""
     kwargs = dict(config_kwargs or {})
     if weights:
         kwargs.setdefault("class_weights", class_weights())
     trainer = OrderedSmoothingSFTTrainer(
         model=net if net is not None else model(),
         args=config(output_dir, batch_size, grad_accum, **kwargs),
-        train_dataset=dataset(sample_weights),
-        processing_class=tokenizer(),
-        **(trainer_kwargs or {}),
+        **{"train_dataset": dataset(sample_weights), "processing_class": tokenizer(), **(trainer_kwargs or {})},
     )
     output = trainer.train()
     params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
@@ -100,24 +144,26 @@ def run(output_dir, batch_size, grad_accum, *, weights=True, config_kwargs=None,
             "log_history": trainer.state.log_history}  # fmt: skip
 
 
-def prepared_batch(output_dir) -> dict:
+def prepared_batch(output_dir, train_dataset=None, processing_class=None, **config_kwargs) -> dict:
     """All 8 examples as TRL prepares and collates them (plain `SFTTrainer`, no hf_lsce code), in one batch."""
     trainer = SFTTrainer(
-        model=model(), args=config(output_dir, 8, 1, config_cls=SFTConfig), train_dataset=dataset(),
-        processing_class=tokenizer(),
+        model=model(), args=config(output_dir, 8, 1, config_cls=SFTConfig, **config_kwargs),
+        train_dataset=dataset() if train_dataset is None else train_dataset,
+        processing_class=processing_class or tokenizer(),
     )  # fmt: skip
     return trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
 
 
 def full_batch_reference(output_dir, weight_mode="example", weights=True, epsilon=EPSILON, mask_prompts=True,
-                         sample_weights=None) -> dict:  # fmt: skip
+                         sample_weights=None, batch=None) -> dict:  # fmt: skip
     """One SGD step on the whole batch with `F.cross_entropy`: the truth every split must match.
 
     ``weight_mode="example"``: each token's unweighted smoothed loss times ``w[y]``, summed, over ``sum w[y]``;
     ``"torch"``: ``F.cross_entropy(weight=w)``. ``mask_prompts=False`` scores the prompt tokens too (a control).
-    ``sample_weights`` (example mode): each token's term also times its example's weight, in both sums.
+    ``sample_weights`` (example mode): each token's term also times its example's weight, in both sums. ``batch``
+    replaces TRL's batch of the 8 prompt/completion pairs (`conversations`' hand-built batch).
     """
-    batch = prepared_batch(os.path.join(output_dir, "prepare"))
+    batch = dict(batch) if batch is not None else prepared_batch(os.path.join(output_dir, "prepare"))
     labels = batch.pop("labels")
     if not mask_prompts:
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)

@@ -7,9 +7,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import socket  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
 from hf_lsce import label_smoothed_cross_entropy  # noqa: E402
+
+# The tiny configs live with the worker scripts, which torchrun starts without pytest (and so without this file).
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from tiny_models import TINY_VOCAB, TINY_WORDS, tiny_bert_config  # noqa: E402, F401
 
 # Every implementation of the loss runs the same parity tests.
 IMPLEMENTATIONS = {
@@ -24,27 +32,9 @@ def lsce(request):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Tiny models, built from configs (no Hub, no download): one vocabulary, one BERT, shared by every test module
+# Tiny models, built from configs (no Hub, no download): one vocabulary, one BERT (tests/scripts/tiny_models.py),
+# shared by every test module
 # ---------------------------------------------------------------------------------------------------------------------
-
-# The words of the tests' synthetic data; the tiny tokenizer knows each of them (anything else becomes [UNK]).
-# "berlin" is two WordPiece pieces, so that token classification sees words of several sub-tokens.
-TINY_WORDS = (
-    "good great fine fun warm lovely superb bad awful dull poor cold boring sad "
-    "the movie film plot was is a very in city really quite anna paris ber ##lin"
-).split()
-TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS]
-
-
-def tiny_bert_config(**overrides):
-    """A `BertConfig`: 2 layers, hidden size 32, 2 heads over `TINY_VOCAB`; `overrides` (e.g. `num_labels`) win."""
-    from transformers import BertConfig
-
-    options = dict(
-        vocab_size=len(TINY_VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64,
-    )  # fmt: skip
-    return BertConfig(**{**options, **overrides})
 
 
 def tiny_bert_classifier(**config_overrides):
@@ -91,3 +81,24 @@ def save_tiny_bert(folder) -> str:
 def tiny_bert(tmp_path_factory) -> str:
     """The folder of `save_tiny_bert`, built once per test session."""
     return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers of the tests that start processes or need an optional package
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for torchrun's ``--master_port``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def has_module(name: str) -> bool:
+    """Whether ``name`` imports (an optional extra: TRL, PEFT)."""
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True

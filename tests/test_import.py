@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import has_module
 
 import hf_lsce
 
@@ -89,17 +90,9 @@ def test_all_is_sorted_resolves_and_is_listed_by_dir():
     assert hf_lsce.__all__ == sorted(hf_lsce.__all__)
     assert set(hf_lsce.__all__) <= set(dir(hf_lsce))
     for name in hf_lsce.__all__:
-        if name in ("SmoothingSFTConfig", "SmoothingSFTTrainer") and not _has("trl"):
+        if name in ("SmoothingSFTConfig", "SmoothingSFTTrainer") and not has_module("trl"):
             continue
         assert getattr(hf_lsce, name) is not None
-
-
-def _has(package: str) -> bool:
-    try:
-        __import__(package)
-    except ImportError:
-        return False
-    return True
 
 
 def test_performance_page_holds_the_import_table_built_from_the_record():

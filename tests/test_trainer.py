@@ -10,7 +10,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from conftest import free_port
 from packaging import version
 
 import hf_lsce._io
@@ -79,17 +79,11 @@ def test_negative_control_per_micro_batch_mean_fails(tmp_path, references, task)
 # ---- two processes ----
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("torchrun") / "results.pt"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(SCRIPTS / "trainer_worker.py"), str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -119,7 +113,7 @@ def test_two_processes_through_accelerate_launch(tmp_path, references):
     out = tmp_path / "results.pt"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(_free_port()), str(SCRIPTS / "trainer_worker.py"), str(out), "seq_cls",
+        "--main_process_port", str(free_port()), str(SCRIPTS / "trainer_worker.py"), str(out), "seq_cls",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

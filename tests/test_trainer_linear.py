@@ -11,13 +11,13 @@ that a training step allocates far less than the logits.
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, has_module
 from transformers import BertForSequenceClassification, HfArgumentParser, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import hf_lsce.causal_lm
@@ -326,7 +326,7 @@ _MEMORY_SCRIPT = """
 import json, resource, sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer
-from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments, compute_class_weights
+from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments
 tokens, vocabulary = 8 * 256, 131072
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=vocabulary, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -364,32 +364,18 @@ def test_training_step_allocates_far_less_than_the_logits(tmp_path):
 # ---- two processes ----
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
-    names = [name for name in (*lt.SPLIT_MODELS, "llama_checkpointing") if name != "llama_lora" or _has("peft")]
+    names = [name for name in (*lt.SPLIT_MODELS, "llama_checkpointing") if name != "llama_lora" or has_module("peft")]
     out = tmp_path_factory.mktemp("torchrun_linear") / "results.pt"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(SCRIPTS / "trainer_linear_worker.py"), str(out), *names,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return torch.load(out, weights_only=False)
-
-
-def _has(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
 
 
 @pytest.mark.distributed

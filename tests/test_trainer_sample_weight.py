@@ -7,7 +7,6 @@ datasets are `datasets.Dataset`s, so `Trainer`'s ``remove_unused_columns`` runs 
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import free_port
 
 from hf_lsce import SmoothingSeq2SeqTrainer, SmoothingTrainer
 
@@ -296,12 +296,6 @@ def test_sft_refuses_weights_with_packing(tmp_path, option):
 # ---- two processes ----
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_processes_equal_full_batch_weighted_mean(tmp_path, references):
     try:
@@ -311,7 +305,7 @@ def test_two_processes_equal_full_batch_weighted_mean(tmp_path, references):
     weighted_tasks = [*tasks.TASKS, "sft"] if sft is not None else list(tasks.TASKS)
     out = tmp_path / "results.pt"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(SCRIPTS / "trainer_worker.py"), str(out), *(f"sample_weight/{task}" for task in weighted_tasks),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

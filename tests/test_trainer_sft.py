@@ -6,7 +6,6 @@ The truth is `trainer_sft_tasks.full_batch_reference`: TRL prepares and collates
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 pytest.importorskip("trl")
 
+from conftest import free_port  # noqa: E402
 from transformers import LlamaForCausalLM, TrainingArguments  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
@@ -240,17 +240,11 @@ def test_import_without_trl_works_and_the_classes_say_what_is_missing():
 # ---- two processes ----
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_processes_equal_full_batch(tmp_path, references):
     out = tmp_path / "results.pt"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(SCRIPTS / "trainer_worker.py"), str(out), "sft",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

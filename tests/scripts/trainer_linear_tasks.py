@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import trainer_tasks as tasks
+from tiny_models import TINY_DECODER
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
@@ -36,9 +37,8 @@ SPLIT_MODELS = ("llama", "qwen2", "mistral", "gpt2", "gemma2", "llama_lora")
 VARIANTS = {"llama_checkpointing": ("llama", {"activation_checkpointing": True})}
 
 _SHAPE = dict(
-    vocab_size=tasks.VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-    num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=1,
-    attn_implementation="eager",
+    TINY_DECODER, vocab_size=tasks.VOCAB_SIZE, num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0,
+    bos_token_id=1, eos_token_id=1,
 )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ import os
 import datasets
 import torch
 import torch.nn.functional as F
+from tiny_models import TINY_DECODER
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -100,9 +101,8 @@ def class_weights() -> list[float]:
 def model(dtype=torch.float64) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=EOS,
-        attn_implementation="eager",
+        **TINY_DECODER, vocab_size=VOCAB_SIZE, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=None, eos_token_id=EOS,
     )  # fmt: skip
     return LlamaForCausalLM(config).to(dtype)
 

@@ -14,12 +14,12 @@ import json
 
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny_bert_config
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from torch.utils.data import SequentialSampler
 from transformers import (
-    BertConfig,
     BertForSequenceClassification,
     BertForTokenClassification,
     DataCollatorForSeq2Seq,
@@ -100,10 +100,9 @@ def model(task: str, dtype=torch.float64) -> torch.nn.Module:
             attn_implementation="eager",
         )  # fmt: skip
         return GPT2LMHeadModel(config).to(dtype)
-    config = BertConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        num_labels=NUM_LABELS[task],
+    config = tiny_bert_config(
+        vocab_size=VOCAB_SIZE, hidden_size=16, num_hidden_layers=1, intermediate_size=32, max_position_embeddings=32,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=NUM_LABELS[task],
     )  # fmt: skip
     head = BertForSequenceClassification if task == "seq_cls" else BertForTokenClassification
     return head(config).to(dtype)

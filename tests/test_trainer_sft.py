@@ -177,6 +177,9 @@ def test_true_trains_without_the_logits_and_says_the_metrics_are_not_logged(tmp_
     assert line[0] == logging.WARNING and "entropy and mean_token_accuracy are not logged in training" in line[1]
     (logged,) = [entry for entry in result["log_history"] if "loss" in entry]
     assert logged["num_tokens"] > 0 and not {"entropy", "mean_token_accuracy"} & logged.keys()
+    # Evaluation keeps the logits, and the two metrics.
+    metrics = result["trainer"].evaluate(sft.dataset())
+    assert {"eval_entropy", "eval_mean_token_accuracy", "eval_nll"} <= metrics.keys()
 
 
 def test_wrong_method_order_raises_when_the_class_is_defined():

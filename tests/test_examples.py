@@ -757,15 +757,23 @@ def test_glue_string_labels_in_the_default_label_column(tiny_bert, tmp_path):
 
 @pytest.mark.distributed
 def test_glue_two_processes_with_accelerate(tiny_bert, rotten_file, tmp_path):
+    def launch(output_dir):
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+            str(EXAMPLES / "glue.py"), "--model_name_or_path", tiny_bert, "--dataset", "rotten_tomatoes",
+            "--dataset_file", str(rotten_file), "--max_seq_length", "32", "--class_weights", "balanced",
+            "--output_dir", str(output_dir), *FAST_TRAINING,
+        ]  # fmt: skip
+        return subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=600, cwd=ROOT)
+
     output_dir = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        str(EXAMPLES / "glue.py"), "--model_name_or_path", tiny_bert, "--dataset", "rotten_tomatoes",
-        "--dataset_file", str(rotten_file), "--max_seq_length", "32", "--class_weights", "balanced",
-        "--output_dir", str(output_dir), *FAST_TRAINING,
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=offline_env(), timeout=600, cwd=ROOT)
+    result = launch(output_dir)
+    if result.returncode != 0 and "terminate called without an active exception" in result.stderr:
+        # Seen twice in many runs, only on the 2-core VM under heavy load: a rank aborts inside PyTorch's C++ at
+        # its first step (SIGABRT, no Python traceback). One fresh retry; any other failure fails at once.
+        output_dir = tmp_path / "retry"
+        result = launch(output_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     record, arrays = read_record(output_dir)
     check_record(record, arrays, ("validation", "test"), num_processes=2)

@@ -95,6 +95,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two_processes(script: str, out: Path, *args: str, timeout: int = 600):
+    """Runs ``tests/scripts/<script> <out> <args>`` on 2 CPU processes (torchrun, gloo, one thread each, offline) and
+    returns what the workers saved to ``out`` (`torch.load`)."""
+    import subprocess
+
+    import torch
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(Path(__file__).parent / "scripts" / script), str(out), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
 def has_module(name: str) -> bool:
     """Whether ``name`` imports (an optional extra: TRL, PEFT)."""
     try:

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import free_port
+from conftest import free_port, run_two_processes
 from packaging import version
 
 import hf_lsce._io
@@ -82,14 +82,7 @@ def test_negative_control_per_micro_batch_mean_fails(tmp_path, references, task)
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("torchrun") / "results.pt"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(SCRIPTS / "trainer_worker.py"), str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return torch.load(out, weights_only=False)
+    return run_two_processes("trainer_worker.py", out)
 
 
 @pytest.mark.distributed

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, has_module
+from conftest import has_module, run_two_processes
 from transformers import BertForSequenceClassification, HfArgumentParser, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import hf_lsce.causal_lm
@@ -368,14 +368,7 @@ def test_training_step_allocates_far_less_than_the_logits(tmp_path):
 def two_process_results(tmp_path_factory):
     names = [name for name in (*lt.SPLIT_MODELS, "llama_checkpointing") if name != "llama_lora" or has_module("peft")]
     out = tmp_path_factory.mktemp("torchrun_linear") / "results.pt"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(SCRIPTS / "trainer_linear_worker.py"), str(out), *names,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return torch.load(out, weights_only=False)
+    return run_two_processes("trainer_linear_worker.py", out, *names, timeout=900)
 
 
 @pytest.mark.distributed

@@ -6,15 +6,13 @@ per-position losses from ``F.cross_entropy(reduction="none")``, each times its e
 datasets are `datasets.Dataset`s, so `Trainer`'s ``remove_unused_columns`` runs (and must keep ``sample_weight``).
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import free_port
+from conftest import run_two_processes
 
 from hf_lsce import SmoothingSeq2SeqTrainer, SmoothingTrainer
 
@@ -304,14 +302,9 @@ def test_two_processes_equal_full_batch_weighted_mean(tmp_path, references):
         sft = None
     weighted_tasks = [*tasks.TASKS, "sft"] if sft is not None else list(tasks.TASKS)
     out = tmp_path / "results.pt"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(SCRIPTS / "trainer_worker.py"), str(out), *(f"sample_weight/{task}" for task in weighted_tasks),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    results = torch.load(out, weights_only=False)
+    results = run_two_processes(
+        "trainer_worker.py", out, *(f"sample_weight/{task}" for task in weighted_tasks)
+    )
     expected = {task: references[task, "torch"] for task in tasks.TASKS}
     if sft is not None:
         # SFT runs in its default weight_mode="example", as trainer_sft_tasks' truth does.

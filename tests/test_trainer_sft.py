@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from conftest import free_port  # noqa: E402
+from conftest import run_two_processes  # noqa: E402
 from transformers import LlamaForCausalLM, TrainingArguments  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
@@ -246,13 +246,6 @@ def test_import_without_trl_works_and_the_classes_say_what_is_missing():
 @pytest.mark.distributed
 def test_two_processes_equal_full_batch(tmp_path, references):
     out = tmp_path / "results.pt"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(SCRIPTS / "trainer_worker.py"), str(out), "sft",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    results = torch.load(out, weights_only=False)
+    results = run_two_processes("trainer_worker.py", out, "sft", timeout=900)
     for split in ("2x4", "2x2x2"):
         _check_matches_reference(results[f"sft/{split}"], references["example"])

@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_trainer              # both models, 9 rounds of 2 + 10 steps (~10 min on 2 cores)
     python -m benchmarks.bench_trainer --quick      # 2 rounds of 1 + 4 steps: a smoke run
-    python -m benchmarks.bench_trainer --wide       # the wide causal LM, fused_linear on / off (~12 min on 2 cores)
+    python -m benchmarks.bench_trainer --wide --rounds 3 --steps 2 --warmup 1  # the wide causal LM (~8 min on 2 cores)
     python -m benchmarks.report                     # table (docs/performance.md) and plot from benchmarks/results/
 
 Models (``--models``):

@@ -348,9 +348,7 @@ def markdown(
         parts.append(wide_trainer_table(list(wide_records)))
     if linear_record is not None:
         parts.append(linear_table(linear_record))
-    records = [record for record in (loss_record, fresh_record, trainer_record) if record is not None]
-    records += list(wide_records)
-    records += [] if linear_record is None else [linear_record]
+    records = [r for r in (loss_record, fresh_record, trainer_record, *wide_records, linear_record) if r is not None]
     parts.append("\n\n".join(f"Measured by {machine_line(record)}." for record in records))
     return "\n\n".join(parts) + "\n"
 

@@ -84,14 +84,14 @@ class LinearHead:
     logit_options: dict
 
 
-def _transformers_model(model: nn.Module) -> nn.Module:
+def transformers_model(model: nn.Module) -> nn.Module:
     # A PEFT model (PeftModel -> LoraModel -> the Transformers model) decides nothing itself.
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _unsupported(model: nn.Module) -> str | None:
     """Why ``model``'s head cannot be fed to the linear loss, or None when it can."""
-    inner = _transformers_model(model)
+    inner = transformers_model(model)
     name = type(inner).__name__
     if name not in HEAD_POST_PROCESSING or not type(inner).__module__.startswith("transformers.models."):
         return (
@@ -101,11 +101,6 @@ def _unsupported(model: nn.Module) -> str | None:
     peft_config = getattr(model, "peft_config", None)
     if isinstance(peft_config, dict) and any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
         return f"{name} is wrapped in a PEFT prompt-learning adapter, which changes the inputs the head sees"
-    backbone = getattr(inner, "model", None) or getattr(inner, "transformer", None)
-    if backbone is None and hasattr(inner, "get_decoder"):
-        backbone = inner.get_decoder()
-    if not isinstance(backbone, nn.Module):
-        return f"{name} has no backbone (model.model, model.transformer or get_decoder())"
     head = inner.get_output_embeddings()
     if type(head) is nn.Linear and (hasattr(head, "_hf_hook") or "forward" in vars(head)):
         return f"{name}'s output head has a hook that replaces its forward (accelerate's device_map or offloading)"
@@ -127,34 +122,35 @@ def find_linear_head(model: nn.Module) -> LinearHead:
             or a PEFT prompt-learning adapter wraps it; the message names the class and the reason.
     """
     reason = _unsupported(model)
-    inner = _transformers_model(model)
+    inner = transformers_model(model)
     if reason is not None:
         raise ValueError(f"fused_linear=True cannot train {type(inner).__name__} without its logits: {reason}")
     options = {k: v for k, v in HEAD_POST_PROCESSING[type(inner).__name__](inner).items() if v is not None}
     return LinearHead(inner.get_output_embeddings(), type(inner).__name__, options)
 
 
-def resolve_linear_head(
-    model: nn.Module, fused_linear: bool | str, device: torch.device, min_vocabulary: int = LINEAR_MIN_VOCABULARY
-) -> LinearHead | None:
+def resolve_linear_head(model: nn.Module, fused_linear: bool | str, device: torch.device) -> LinearHead | None:
     """The head to train through the linear loss under ``fused_linear``, or None for the logits path.
 
     ``True`` raises where `find_linear_head` does; ``"auto"`` takes the linear path for supported models on CPU
-    whose vocabulary has at least ``min_vocabulary`` entries and otherwise logs one line saying why not (nothing for
-    models that are not causal LMs); ``False`` never takes it.
+    whose vocabulary has at least `LINEAR_MIN_VOCABULARY` entries and otherwise logs one line saying why not;
+    ``False`` never takes it. (The trainer asks only for causal LMs.)
     """
     if fused_linear is False:
         return None
     if fused_linear is True:
         return find_linear_head(model)
     reason = _unsupported(model)
-    inner = _transformers_model(model)
+    inner = transformers_model(model)
     if reason is None:
         vocabulary = inner.get_output_embeddings().weight.shape[0]
         if device.type != "cpu":
             reason = f"the linear path was measured on CPU only, and training runs on {device.type}"
-        elif vocabulary < min_vocabulary:
-            reason = f"its vocabulary ({vocabulary}) is smaller than {min_vocabulary}, where the logits path is faster"
+        elif vocabulary < LINEAR_MIN_VOCABULARY:
+            reason = (
+                f"its vocabulary ({vocabulary}) is smaller than {LINEAR_MIN_VOCABULARY}, where the logits path is "
+                "faster"
+            )
     if reason is not None:
         logger.info(f"fused_linear='auto': {type(inner).__name__} trains through its logits ({reason})")
         return None

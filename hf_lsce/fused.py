@@ -69,8 +69,7 @@ class FusedOptions(NamedTuple):
 
     The smoothed target is ``q = a * one_hot(y) + b`` for class indices and ``a * t + b * sum(t)`` for
     probabilities ``t``; ``weight_mode`` is ``"torch"`` or ``"example"``; ``inplace`` writes the gradient into the
-    logits' buffer; ``chunk_bytes`` is the size of one fp32 (fp64) chunk of rows (at least one row is processed at a
-    time), None for `DEFAULT_CHUNK_BYTES`.
+    logits' buffer. Chunks of rows hold `DEFAULT_CHUNK_BYTES` of fp32 (fp64) logits (at least one row each).
     """
 
     ignore_index: int
@@ -79,7 +78,6 @@ class FusedOptions(NamedTuple):
     b: float
     weight_mode: str
     inplace: bool = False
-    chunk_bytes: int | None = None
 
 
 class RowTerms(NamedTuple):
@@ -124,7 +122,7 @@ def fused_cross_entropy(
         denominator (`torch.Tensor`, *optional*): 0-d, what ``reduction="mean"`` divides by (0 gives a 0 loss and
             zero gradients); None for the other reductions.
         options (`FusedOptions`): ``ignore_index``, ``reduction``, the smoothing ``a`` and ``b``, ``weight_mode``,
-            ``inplace`` and ``chunk_bytes``.
+            ``inplace``.
     """
     if functorch_transforms_active():
         raise ValueError(
@@ -172,7 +170,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
         x = input.detach().reshape(-1, num_classes)
         num_rows = x.shape[0]
-        step = max(1, (options.chunk_bytes or DEFAULT_CHUNK_BYTES) // (num_classes * dtype.itemsize))
+        step = max(1, DEFAULT_CHUNK_BYTES // (num_classes * dtype.itemsize))
         # fp32 (fp64) logits are computed where the gradient goes; others through a chunk-sized buffer per thread,
         # so no full-size copy of bf16/fp16 logits is ever made.
         direct = need_grad and x.dtype == dtype
@@ -397,7 +395,7 @@ def process_chunk(x, z, target, w, stats, spread, factors) -> None:
 
     ``stats`` receives ``sum_c target_c v_c x_c`` (``x_y`` for class indices), ``sum_c v_c x_c`` (when ``spread``),
     ``max_c x_c`` and ``max_c softmax(x)_c``; ``v`` is ``w`` or 1. ``z`` (which may be ``x`` itself) receives
-    ``softmax(x)``, then with `GradientFactors` (or any ``(total, -picked, spread)`` of columns) the gradient.
+    ``softmax(x)``, then with `GradientFactors` the gradient.
     """
     picked, spread_sum, top, peak = stats
     if target.is_floating_point():

@@ -56,7 +56,7 @@ from hf_lsce.checks import (
     functorch_transforms_active,
     vmap_active,
 )
-from hf_lsce.fused import RowTerms, index_terms, keep_graph, process_chunk, smoothed_gradient
+from hf_lsce.fused import GradientFactors, RowTerms, index_terms, keep_graph, process_chunk, smoothed_gradient
 from hf_lsce.loss import label_smoothed_cross_entropy, mean_denominator, safe_divide, smoothing_coefficients
 
 # The default tile holds as many logits as this many rows of the vocabulary (with their bf16/fp16 copy and the
@@ -464,7 +464,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             z, derivative = _logits(h, head_weight, head_bias, options, scratch, in_forward)
             factors = None
             if in_forward:
-                factors = (
+                factors = GradientFactors(
                     (rows.total[start:end] * factor)[:, None],
                     (-rows.picked[start:end] * factor)[:, None],
                     None if options.b == 0 else (rows.spread[start:end] * factor)[:, None],

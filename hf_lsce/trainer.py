@@ -34,7 +34,7 @@ from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
 from hf_lsce._io import write_atomic
-from hf_lsce.causal_lm import LinearHead, find_linear_head, head_loss, resolve_linear_head
+from hf_lsce.causal_lm import LinearHead, find_linear_head, head_loss, resolve_linear_head, transformers_model
 from hf_lsce.checks import IGNORE_INDEX, check_class_weight_values, check_labels, describe
 from hf_lsce.class_weights import compute_class_weights
 from hf_lsce.fused import empty_cache
@@ -266,9 +266,8 @@ class SmoothingTrainerMixin:
         return label_names[0]
 
     def _unwrapped_model(self) -> nn.Module:
-        model = self.accelerator.unwrap_model(self.model)
         # A PEFT model wraps the Transformers model whose class decides the task.
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
+        return transformers_model(self.accelerator.unwrap_model(self.model))
 
     def _inspect_model(self, shift_labels: bool | None) -> None:
         model = self._unwrapped_model()
@@ -560,8 +559,7 @@ class SmoothingTrainerMixin:
     def _current_linear_head(self, model: nn.Module):
         """The head found at construction, or found again when the model was replaced since (``model_init``)."""
         model = self.accelerator.unwrap_model(model)
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if inner.get_output_embeddings() is not self._linear_head.head:
+        if transformers_model(model).get_output_embeddings() is not self._linear_head.head:
             self._linear_head = find_linear_head(model)
         return self._linear_head
 

@@ -7,6 +7,7 @@ raise an ImportError that says so when they are used.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import types
 from dataclasses import dataclass
@@ -43,6 +44,13 @@ def _split_sample_weight(examples: list[dict]) -> tuple[list[dict], Tensor | Non
     return stripped, torch.tensor(weights, dtype=torch.float64)
 
 
+def _collate_with_sample_weight(collate, examples: list[dict], *args, **kwargs) -> dict:
+    # ``collate`` sees the examples without their weights; the batch gets them back as one tensor.
+    stripped, weights = _split_sample_weight(examples)
+    batch = collate(stripped, *args, **kwargs)
+    return batch if weights is None else {**batch, SAMPLE_WEIGHT_KEY: weights}
+
+
 class _CarriesSampleWeight:
     """Mixed into a collator's own class: its batches also hold the examples' ``sample_weight``.
 
@@ -51,9 +59,7 @@ class _CarriesSampleWeight:
     """
 
     def __call__(self, examples: list[dict], *args, **kwargs) -> dict:
-        stripped, weights = _split_sample_weight(examples)
-        batch = super().__call__(stripped, *args, **kwargs)
-        return batch if weights is None else {**batch, SAMPLE_WEIGHT_KEY: weights}
+        return _collate_with_sample_weight(super().__call__, examples, *args, **kwargs)
 
 
 def _carrying_sample_weight(collator):
@@ -61,13 +67,7 @@ def _carrying_sample_weight(collator):
     if isinstance(collator, _CarriesSampleWeight):
         return collator
     if isinstance(collator, types.FunctionType):
-
-        def collate(examples: list[dict]) -> dict:
-            stripped, weights = _split_sample_weight(examples)
-            batch = collator(stripped)
-            return batch if weights is None else {**batch, SAMPLE_WEIGHT_KEY: weights}
-
-        return collate
+        return functools.partial(_collate_with_sample_weight, collator)
     carrier = copy.copy(collator)
     carrier.__class__ = type(type(collator).__name__, (_CarriesSampleWeight, type(collator)), {})
     return carrier

@@ -341,3 +341,22 @@ def test_sft_collator_keeps_its_class(tmp_path):
     assert batch["sample_weight"].tolist() == list(WEIGHTS[:3]) and "input_ids" in batch
     with pytest.raises(ValueError, match="sample_weight is None for some examples of a batch"):
         trainer.data_collator([*examples[:2], {**examples[2], "sample_weight": None}])
+
+
+def test_sft_function_collator_carries_the_weights():
+    """A plain function given as the collator is wrapped (it has no class to extend): it sees the examples without
+    their weights, and the batch gets them back."""
+    pytest.importorskip("trl")
+    from hf_lsce.sft import _carrying_sample_weight
+
+    seen = []
+
+    def collate(examples):
+        seen.append(examples)
+        return {"input_ids": torch.tensor([e["input_ids"] for e in examples])}
+
+    carrier = _carrying_sample_weight(collate)
+    batch = carrier([{"input_ids": [1, 2], "sample_weight": 0.5}, {"input_ids": [3, 4], "sample_weight": 2.0}])
+    assert batch["sample_weight"].tolist() == [0.5, 2.0] and batch["input_ids"].tolist() == [[1, 2], [3, 4]]
+    assert all("sample_weight" not in e for e in seen[0])
+    assert "sample_weight" not in carrier([{"input_ids": [1, 2]}])  # no weights, nothing added

@@ -231,8 +231,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
         ctx.reduction = options.reduction
         ctx.input_shape = input.shape
         if need_grad and not options.inplace:
-            # Read only by a backward pass that builds a graph (create_graph=True, `_gradient_graph`). Saving the
-            # logits keeps them alive until the backward pass, no longer than the gradient they are as large as.
+            # Read only by a backward pass that builds a graph (create_graph=True, `_gradient_graph`). The cost: the
+            # logits live until the backward pass beside their gradient, even where the caller has dropped them.
             ctx.save_for_backward(input)
             ctx.graph_terms = (terms, class_weight, scale, dtype)
         if options.reduction == "none":

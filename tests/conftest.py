@@ -95,21 +95,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(script: str, out: Path, *args: str, timeout: int = 600):
-    """Runs ``tests/scripts/<script> <out> <args>`` on 2 CPU processes (torchrun, gloo, one thread each, offline) and
-    returns what the workers saved to ``out`` (`torch.load`)."""
+TORCHRUN = ("torch.distributed.run", "--nproc_per_node", "2", "--master_port")
+ACCELERATE_LAUNCH = ("accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port")
+
+
+def run_two_processes(script: str, out: Path, *args: str, timeout: int = 600, launcher: tuple = TORCHRUN):
+    """Runs ``tests/scripts/<script> <out> <args>`` on 2 CPU processes (``launcher``: torchrun, or accelerate launch
+    as a user would; gloo, one thread each, offline) and returns what the workers saved to ``out`` (`torch.load`)."""
     import subprocess
 
     import torch
 
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(Path(__file__).parent / "scripts" / script), str(out), *args,
+        sys.executable, "-m", *launcher, str(free_port()), str(Path(__file__).parent / "scripts" / script), str(out),
+        *args,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return torch.load(out, weights_only=False)
+
+
+def check_matches_reference(result: dict, reference: dict, tolerance: float = 1e-6, log_tolerance=None) -> None:
+    """A trainer run's parameters after its step, its training loss and its one logged loss equal the full-batch
+    truth (`trainer_tasks.full_batch_reference`). The Trainer accumulates the logged loss in an fp32 tensor, which
+    older Transformers summed less precisely: ``log_tolerance`` (default ``tolerance``)."""
+    import trainer_tasks
+
+    assert trainer_tasks.max_abs_diff(result["params"], reference["params"]) <= tolerance
+    assert result["training_loss"] == pytest.approx(reference["loss"], abs=tolerance)
+    assert result["logged"] == [pytest.approx(reference["loss"], abs=log_tolerance or tolerance)]
 
 
 def has_module(name: str) -> bool:

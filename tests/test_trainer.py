@@ -10,7 +10,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import free_port, run_two_processes
+from conftest import ACCELERATE_LAUNCH, check_matches_reference, run_two_processes
 from packaging import version
 
 import hf_lsce._io
@@ -40,18 +39,11 @@ def references():
     return {task: tasks.full_batch_reference(task) for task in (*tasks.TASKS, "seq2seq")}
 
 
-def _check_matches_reference(result, reference):
-    assert tasks.max_abs_diff(result["params"], reference["params"]) <= TOLERANCE
-    # The Trainer accumulates the logged loss in an fp32 tensor: equal to fp32 precision.
-    assert result["training_loss"] == pytest.approx(reference["loss"], abs=TOLERANCE)
-    assert result["logged"] == [pytest.approx(reference["loss"], abs=LOG_TOLERANCE)]
-
-
 @pytest.mark.parametrize("task", [*tasks.TASKS, "seq2seq"])
 @pytest.mark.parametrize(("batch_size", "grad_accum"), [(8, 1), (2, 4)])
 def test_one_step_equals_full_batch(tmp_path, references, task, batch_size, grad_accum):
     result = tasks.run(task, tmp_path, batch_size, grad_accum)
-    _check_matches_reference(result, references[task])
+    check_matches_reference(result, references[task], log_tolerance=LOG_TOLERANCE)
 
 
 @pytest.mark.parametrize("task", ["seq_cls", "token_cls"])
@@ -62,7 +54,7 @@ def test_example_weight_mode_one_step_equals_full_batch(tmp_path, references, ta
     # The two modes differ here, so matching one reference is not matching the other.
     assert tasks.max_abs_diff(reference["params"], references[task]["params"]) > 1e-3
     result = tasks.run(task, tmp_path, batch_size, grad_accum, args_kwargs={"weight_mode": "example"})
-    _check_matches_reference(result, reference)
+    check_matches_reference(result, reference, log_tolerance=LOG_TOLERANCE)
 
 
 @pytest.mark.parametrize("task", tasks.TASKS)
@@ -89,7 +81,7 @@ def two_process_results(tmp_path_factory):
 @pytest.mark.parametrize("task", tasks.TASKS)
 @pytest.mark.parametrize("split", ["2x4", "2x2x2"])
 def test_two_processes_equal_full_batch(two_process_results, references, task, split):
-    _check_matches_reference(two_process_results[f"{task}/{split}"], references[task])
+    check_matches_reference(two_process_results[f"{task}/{split}"], references[task], log_tolerance=LOG_TOLERANCE)
 
 
 @pytest.mark.distributed
@@ -103,17 +95,9 @@ def test_two_processes_negative_control_fails(two_process_results, references, t
 @pytest.mark.distributed
 def test_two_processes_through_accelerate_launch(tmp_path, references):
     """The multi-GPU command a user runs; without GPUs accelerate starts 2 CPU ranks on gloo."""
-    out = tmp_path / "results.pt"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(free_port()), str(SCRIPTS / "trainer_worker.py"), str(out), "seq_cls",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    results = torch.load(out, weights_only=False)
+    results = run_two_processes("trainer_worker.py", tmp_path / "results.pt", "seq_cls", launcher=ACCELERATE_LAUNCH)
     for split in ("2x4", "2x2x2"):
-        _check_matches_reference(results[f"seq_cls/{split}"], references["seq_cls"])
+        check_matches_reference(results[f"seq_cls/{split}"], references["seq_cls"], log_tolerance=LOG_TOLERANCE)
 
 
 # ---- behaviour ----

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_two_processes
+from conftest import check_matches_reference, run_two_processes
 
 from hf_lsce import SmoothingSeq2SeqTrainer, SmoothingTrainer
 
@@ -32,12 +32,6 @@ def references():
         for task in ALL_TASKS
         for mode in ("torch", "example")
     }
-
-
-def _check_matches_reference(result, reference):
-    assert tasks.max_abs_diff(result["params"], reference["params"]) <= TOLERANCE
-    assert result["training_loss"] == pytest.approx(reference["loss"], abs=TOLERANCE)
-    assert result["logged"] == [pytest.approx(reference["loss"], abs=TOLERANCE)]
 
 
 def _run(task, tmp_path, batch_size, grad_accum, weight_mode="torch", **kwargs):
@@ -63,7 +57,7 @@ def _seq2seq_args(tmp_path, batch_size, grad_accum, **kwargs):
 @pytest.mark.parametrize(("batch_size", "grad_accum"), [(8, 1), (2, 4)])
 def test_one_step_equals_full_batch_weighted_mean(tmp_path, references, task, batch_size, grad_accum):
     result = _run(task, tmp_path, batch_size, grad_accum)
-    _check_matches_reference(result, references[task, "torch"])
+    check_matches_reference(result, references[task, "torch"])
     # The weights matter: the same step without them is another one.
     assert tasks.max_abs_diff(tasks.full_batch_reference(task)["params"], references[task, "torch"]["params"]) > 1e-3
 
@@ -71,18 +65,18 @@ def test_one_step_equals_full_batch_weighted_mean(tmp_path, references, task, ba
 @pytest.mark.parametrize("task", ["seq_cls", "token_cls"])
 def test_example_weight_mode_one_step_equals_full_batch(tmp_path, references, task):
     result = _run(task, tmp_path, 2, 4, weight_mode="example")
-    _check_matches_reference(result, references[task, "example"])
+    check_matches_reference(result, references[task, "example"])
 
 
 def test_weights_without_class_weights(tmp_path):
     reference = tasks.full_batch_reference("token_cls", weights=False, sample_weights=WEIGHTS)
     result = tasks.run("token_cls", tmp_path, 2, 4, weights=False, train_dataset=tasks.weighted_dataset("token_cls"))
-    _check_matches_reference(result, reference)
+    check_matches_reference(result, reference)
 
 
 def test_all_ones_equal_no_weights(tmp_path):
     result = tasks.run("seq_cls", tmp_path, 2, 4, train_dataset=tasks.weighted_dataset("seq_cls", [1.0] * 8))
-    _check_matches_reference(result, tasks.full_batch_reference("seq_cls"))
+    check_matches_reference(result, tasks.full_batch_reference("seq_cls"))
 
 
 class PerMicroBatchWeightedMeanTrainer(tasks.PerMicroBatchMeanTrainer):
@@ -279,7 +273,7 @@ def test_sft_one_step_equals_full_batch_weighted_mean(tmp_path):
     assert tasks.max_abs_diff(reference["params"], unweighted["params"]) > 1e-3
     for batch_size, grad_accum in [(8, 1), (2, 4)]:
         result = sft.run(tmp_path / f"{batch_size}x{grad_accum}", batch_size, grad_accum, sample_weights=WEIGHTS)
-        _check_matches_reference(result, reference)
+        check_matches_reference(result, reference)
 
 
 @pytest.mark.parametrize("option", ["packing", "padding_free"])
@@ -311,7 +305,7 @@ def test_two_processes_equal_full_batch_weighted_mean(tmp_path, references):
         expected["sft"] = sft.full_batch_reference(tmp_path, sample_weights=WEIGHTS)
     for task in weighted_tasks:
         for split in ("2x4", "2x2x2"):
-            _check_matches_reference(results[f"sample_weight/{task}/{split}"], expected[task])
+            check_matches_reference(results[f"sample_weight/{task}/{split}"], expected[task])
 
 
 def test_a_later_training_run_may_change_whether_batches_have_weights(tmp_path):

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from conftest import run_two_processes  # noqa: E402
+from conftest import check_matches_reference, run_two_processes  # noqa: E402
 from transformers import LlamaForCausalLM, TrainingArguments  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
@@ -36,21 +36,15 @@ def references(tmp_path_factory):
     return {mode: sft.full_batch_reference(root / mode, weight_mode=mode) for mode in ("example", "torch")}
 
 
-def _check_matches_reference(result, reference):
-    assert tasks.max_abs_diff(result["params"], reference["params"]) <= TOLERANCE
-    assert result["training_loss"] == pytest.approx(reference["loss"], abs=TOLERANCE)
-    assert result["logged"] == [pytest.approx(reference["loss"], abs=TOLERANCE)]
-
-
 @pytest.mark.parametrize(("batch_size", "grad_accum"), [(8, 1), (2, 4)])
 def test_one_step_equals_full_batch(tmp_path, references, batch_size, grad_accum):
     # Smoothing, per-token class weights (weight_mode="example", the default) and TRL's prompt masks together.
-    _check_matches_reference(sft.run(tmp_path, batch_size, grad_accum), references["example"])
+    check_matches_reference(sft.run(tmp_path, batch_size, grad_accum), references["example"])
 
 
 def test_one_step_equals_full_batch_in_torch_weight_mode(tmp_path, references):
     result = sft.run(tmp_path, 2, 4, config_kwargs={"weight_mode": "torch"})
-    _check_matches_reference(result, references["torch"])
+    check_matches_reference(result, references["torch"])
 
 
 def test_prompt_masks_are_in_the_truth(tmp_path, references):
@@ -76,7 +70,7 @@ def test_assistant_only_masks_equal_the_truth_on_the_assistant_tokens(tmp_path):
             config_kwargs={"assistant_only_loss": True},
             trainer_kwargs={"train_dataset": data, "processing_class": sft.chat_tokenizer()},
         )  # fmt: skip
-        _check_matches_reference(result, truth)
+        check_matches_reference(result, truth)
     # Control: without the masks every token is scored, and the step is another.
     unmasked = sft.run(
         tmp_path / "unmasked", 8, 1, trainer_kwargs={"train_dataset": data, "processing_class": sft.chat_tokenizer()}
@@ -89,7 +83,7 @@ def test_packing_and_padding_free_batches_equal_full_batch(tmp_path, references)
     # first token of every example -100, so no example is scored from the one before it.
     result = sft.run(tmp_path, 8, 1, config_kwargs={"packing": True})
     assert result["trainer"].padding_free
-    _check_matches_reference(result, references["example"])
+    check_matches_reference(result, references["example"])
 
 
 def test_plain_sft_config_with_keyword_options(tmp_path, references):
@@ -248,4 +242,4 @@ def test_two_processes_equal_full_batch(tmp_path, references):
     out = tmp_path / "results.pt"
     results = run_two_processes("trainer_worker.py", out, "sft", timeout=900)
     for split in ("2x4", "2x2x2"):
-        _check_matches_reference(results[f"sft/{split}"], references["example"])
+        check_matches_reference(results[f"sft/{split}"], references["example"])

@@ -62,8 +62,9 @@ def tiny_tokenizer():
     )  # fmt: skip
 
 
-def save_tiny_bert(folder) -> str:
-    """Saves `tiny_tokenizer()` and a random `BertModel` of `tiny_bert_config()` into `folder`; returns its path.
+def save_tiny_bert(folder, **config_overrides) -> str:
+    """Saves `tiny_tokenizer()` and a random `BertModel` of `tiny_bert_config(**config_overrides)` into `folder`;
+    returns its path.
 
     The examples load it with `--model_name_or_path folder`, which adds a new classification head of the data's size.
     """
@@ -73,7 +74,7 @@ def save_tiny_bert(folder) -> str:
     tiny_tokenizer().save_pretrained(folder)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        BertModel(tiny_bert_config()).save_pretrained(folder)
+        BertModel(tiny_bert_config(**config_overrides)).save_pretrained(folder)
     return str(folder)
 
 

@@ -683,17 +683,10 @@ def write_weighted_files(folder: Path) -> None:
 @pytest.fixture(scope="module")
 def dropout_free_bert(tmp_path_factory) -> str:
     # Dropout draws different masks for batches of different sizes; without it, equal batches give equal steps.
-    import torch
-    from conftest import tiny_bert_config, tiny_tokenizer
-    from transformers import BertModel
+    from conftest import save_tiny_bert
 
     folder = tmp_path_factory.mktemp("bert_no_dropout")
-    tiny_tokenizer().save_pretrained(folder)
-    config = tiny_bert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        BertModel(config).save_pretrained(folder)
-    return str(folder)
+    return save_tiny_bert(folder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def test_glue_sample_weights_train_as_the_weighted_truth(dropout_free_bert, tmp_path):

@@ -35,6 +35,7 @@ the device).
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -97,16 +98,17 @@ class RowTerms(NamedTuple):
 
 class GradientFactors(NamedTuple):
     """Columns (rows x 1) of per-row factors already scaled by the reduction, from which `process_chunk` writes the
-    gradient ``total * p - picked * target * v - spread * v``; ``spread`` is None when ``b = 0``."""
+    gradient ``total * p - picked * target * v - spread * v``; ``spread`` is None when ``b = 0``, ``total`` where
+    ``hf_lsce.linear`` folded it into the exponential."""
 
-    total: Tensor
+    total: Tensor | None
     picked: Tensor  # negated
     spread: Tensor | None
 
     def rows(self, start: int, end: int) -> GradientFactors:
         """The factors of rows ``start:end``."""
-        spread = None if self.spread is None else self.spread[start:end]
-        return GradientFactors(self.total[start:end], self.picked[start:end], spread)
+        total, picked, spread = (None if f is None else f[start:end] for f in self)
+        return GradientFactors(total, picked, spread)
 
 
 def fused_cross_entropy(
@@ -179,37 +181,27 @@ class _FusedCrossEntropy(torch.autograd.Function):
             grad = x if options.inplace else _gradient_buffer(x)
         # Per row: sum_c target_c x_c, sum_c v_c x_c, max_c x_c and max_c p_c, filled chunk by chunk.
         stats = torch.empty(4, num_rows, 1, dtype=dtype, device=x.device)
-        inference = torch.is_inference_mode_enabled()
+        buffers = ChunkBuffers()
 
-        def work(starts):
-            # Worker threads start with autograd on and outside inference mode: take the caller's state.
-            with torch.no_grad(), torch.inference_mode(inference):
-                scratch = None
-                for start in starts:
-                    end = min(start + step, num_rows)
-                    source = x[start:end]
-                    if direct:
-                        z = grad[start:end]
-                    else:
-                        if scratch is None:
-                            scratch = torch.empty((min(step, num_rows), num_classes), dtype=dtype, device=x.device)
-                        z = scratch[: end - start]
-                    if source.dtype != dtype:
-                        # The chunk's fp32 copy; softmax has no fp32 output for half input on CPU.
-                        source = z.copy_(source)
-                    process_chunk(
-                        source,
-                        z,
-                        terms.target[start:end],
-                        class_weight,
-                        stats[:, start:end],
-                        b != 0,
-                        None if factors is None else factors.rows(start, end),
-                    )
-                    if need_grad and not direct:
-                        grad[start:end].copy_(z)
+        def work(start, end):
+            source = x[start:end]
+            z = grad[start:end] if direct else buffers.take((end - start, num_classes), dtype, x.device)
+            if source.dtype != dtype:
+                # The chunk's fp32 copy; softmax has no fp32 output for half input on CPU.
+                source = z.copy_(source)
+            process_chunk(
+                source,
+                z,
+                terms.target[start:end],
+                class_weight,
+                stats[:, start:end],
+                b != 0,
+                None if factors is None else factors.rows(start, end),
+            )
+            if need_grad and not direct:
+                grad[start:end].copy_(z)
 
-        _run_chunks(range(0, num_rows, step), work, x.device)
+        run_row_chunks(num_rows, step, work, x.device)
         if need_grad and terms.valid is not None:
             # An ignored row's factors are 0, and 0 times a finite softmax is 0. A row holding NaN or +inf (its
             # maximum is not finite) has a NaN softmax: those of ignored rows are set to 0 here, which costs nothing
@@ -412,7 +404,7 @@ def process_chunk(x, z, target, w, stats, spread, factors) -> None:
             torch.mm(x, w[:, None], out=spread_sum)
     # Reductions without indices: max() with its argmax takes as long as the softmax itself.
     torch.amax(x, 1, keepdim=True, out=top)
-    _softmax_into(x, z)
+    softmax_into(x, z)
     torch.amax(z, 1, keepdim=True, out=peak)
     if factors is None:
         return
@@ -431,7 +423,7 @@ def process_chunk(x, z, target, w, stats, spread, factors) -> None:
         z.scatter_add_(1, target, picked_factor)
 
 
-def _softmax_into(x: Tensor, z: Tensor) -> None:
+def softmax_into(x: Tensor, z: Tensor) -> None:
     """Writes ``softmax(x)`` into ``z`` (which may be ``x``).
 
     PyTorch's softmax kernel computes max, exp and sum row by row while the row is in cache. On CPU its output
@@ -442,6 +434,36 @@ def _softmax_into(x: Tensor, z: Tensor) -> None:
         torch.softmax(x, 1, out=z)
     else:
         z.copy_(torch.softmax(x, 1))
+
+
+def run_row_chunks(num_rows: int, step: int, work, device: torch.device) -> None:
+    """Calls ``work(start, end)`` for the chunks of ``step`` rows among ``num_rows`` (`_run_chunks`: on the pool's
+    threads when there are many), in the caller's autograd and inference modes."""
+    inference = torch.is_inference_mode_enabled()
+
+    def run(starts):
+        # Worker threads start with autograd on and outside inference mode: take the caller's state.
+        with torch.no_grad(), torch.inference_mode(inference):
+            for start in starts:
+                work(start, min(start + step, num_rows))
+
+    _run_chunks(range(0, num_rows, step), run, device)
+
+
+class ChunkBuffers:
+    """Buffers reused from chunk to chunk, one per name and thread (each worker of `run_row_chunks` has its own),
+    handed out as views of a given shape."""
+
+    def __init__(self):
+        self._buffers: dict[tuple[int, str], Tensor] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, name: str = "") -> Tensor:
+        numel = math.prod(shape)
+        key = (threading.get_ident(), name)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
 
 
 def _run_chunks(starts: range, work, device: torch.device) -> None:

@@ -19,10 +19,14 @@ Two ways to order the work, both exact (``recompute``):
   three products in all, as for the logits path. The head's gradient accumulates over the chunks: in its own memory
   for fp32/fp64 heads, in an fp32 buffer of the head's size for bf16/fp16 heads. The backward pass only scales the
   stored gradients by the incoming scalar, hence ``reduction="none"`` (a gradient per position) cannot use it.
-* Recomputation in the backward pass (Cut Cross-Entropy's idea; ``recompute=True``): the forward pass keeps one
-  log-sum-exp per row; the backward pass recomputes the logits tile by tile, blocks of the vocabulary outermost, so
-  each block of the head's gradient is finished by one product over all rows (no accumulator of the head's size) and
-  only the hidden states' gradient accumulates, in fp32. Four products in all.
+* Recomputation in the backward pass (Cut Cross-Entropy's idea; ``recompute=True``): tiles of a block of the
+  vocabulary by all counted rows, blocks outermost. The forward pass joins each block's log-sum-exp to the row's
+  running one and keeps one per row; the backward pass computes each tile's logits again, so each block of the head's
+  gradient is finished by one product over all rows (no accumulator of the head's size) and only the hidden states'
+  gradient accumulates, in fp32, for the counted rows. Four products in all. A tile is the head's product in the
+  inputs' dtype; the fp32 work on it goes in chunks of rows small enough to stay in cache (those of `hf_lsce.fused`,
+  on its thread pool), and the backward pass writes each chunk's gradient over the product, in the inputs' dtype,
+  which then enters the two products. So a bf16 tile costs 2 bytes per logit, not 2 + 4.
 
 Higher-order gradients: a backward pass with ``create_graph=True`` (a gradient penalty, double backward) does not
 use the tiles' gradients, constants to autograd, but recomputes the three gradients from the saved inputs with
@@ -44,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import hf_lsce.fused
 from hf_lsce.checks import (
     IGNORE_INDEX,
     check_device,
@@ -56,11 +61,22 @@ from hf_lsce.checks import (
     functorch_transforms_active,
     vmap_active,
 )
-from hf_lsce.fused import GradientFactors, RowTerms, index_terms, keep_graph, process_chunk, smoothed_gradient
+from hf_lsce.fused import (
+    ChunkBuffers,
+    GradientFactors,
+    RowTerms,
+    index_terms,
+    keep_graph,
+    process_chunk,
+    run_row_chunks,
+    smoothed_gradient,
+    softmax_into,
+)
 from hf_lsce.loss import label_smoothed_cross_entropy, mean_denominator, safe_divide, smoothing_coefficients
 
-# The default tile holds as many logits as this many rows of the vocabulary (with their bf16/fp16 copy and the
-# soft-cap's derivative when there are some): 128 MiB of fp32 logits at V = 131072, whatever the number of tokens.
+# The default tile is as large as this many rows of the logits in the inputs' dtype (with recompute=False: of its
+# buffers, fp32 logits, their bf16/fp16 product and the soft-cap's derivative): 128 MiB at V = 131072 for fp32
+# inputs, 64 MiB for bf16, whatever the number of tokens.
 # The matrix products need a few hundred rows to run at speed: on the project's 2-core VM (MKL), hidden @ W.T for
 # 1024 rows, D = 1024, V = 32768, fp32, in tiles of 64 / 128 / 256 / 512 / 1024 rows took 4.2 / 2.9 / 2.5 / 2.2 /
 # 2.0 s (ad-hoc runs, medians of 3), and the forward-pass order with 64-row tiles was 1.4x eager PyTorch's time.
@@ -137,10 +153,11 @@ def linear_label_smoothed_cross_entropy(
             values, they are skipped.
         logit_softcap (`float`, *optional*): ``cap > 0``: logits become ``cap * tanh(z / cap)``.
         logit_scale (`float`, *optional*): a finite multiplier > 0 of the logits, applied before the cap.
-        chunk_bytes (`int`, *optional*): about the bytes of one tile of logits in fp32 (with its low-precision copy
-            and the cap's derivative); a tile holds at least one row of the vocabulary (``recompute=False`` and the
-            forward pass) or ``MIN_BLOCK_COLUMNS`` columns. Defaults to the size of `DEFAULT_CHUNK_ROWS` rows of
-            fp32 logits (``DEFAULT_CHUNK_ROWS * V * 4``: it does not grow with the number of tokens).
+        chunk_bytes (`int`, *optional*): about the bytes of one tile: its logits in the inputs' dtype
+            (``recompute=True``), or its fp32 logits with their bf16/fp16 product and the cap's derivative
+            (``recompute=False``); a tile holds at least one row of the vocabulary (``recompute=False``) or
+            ``MIN_BLOCK_COLUMNS`` columns. Defaults to `DEFAULT_CHUNK_ROWS` rows of the logits in the inputs' dtype
+            (``DEFAULT_CHUNK_ROWS * V * itemsize``: it does not grow with the number of tokens).
         recompute (`bool`, *optional*): ``False``: gradients computed during the forward pass and kept until the
             backward pass (three matrix products; ``reduction="mean"`` or ``"sum"`` only). ``True``: logits
             recomputed in the backward pass (four products; nothing of the head's size is accumulated). None (the
@@ -454,30 +471,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             factor = reduction_scale * factor
         in_forward = any(options.needs) and not options.recompute
 
-        grads = _Gradients(x, head_weight, head_bias, rows, options, by_blocks=False) if in_forward else None
-        stats = torch.empty(4, len(rows), 1, dtype=dtype, device=x.device)
-        step = max(1, _tile_logits(x.dtype, options, in_forward) // options.num_classes)
-        scratch = _Scratch()
-        for start in range(0, len(rows), step):
-            end = min(start + step, len(rows))
-            h = rows.hidden(x, start, end)
-            z, derivative = _logits(h, head_weight, head_bias, options, scratch, in_forward)
-            factors = None
-            if in_forward:
-                factors = GradientFactors(
-                    (rows.total[start:end] * factor)[:, None],
-                    (-rows.picked[start:end] * factor)[:, None],
-                    None if options.b == 0 else (rows.spread[start:end] * factor)[:, None],
-                )
-            process_chunk(z, z, rows.target[start:end], tile_weight, stats[:, start:end], options.b != 0, factors)
-            if in_forward:
-                if derivative is not None:
-                    z.mul_(derivative)
-                _add_row_chunk(grads, z, h, head_weight, start, end, scratch)
-
-        picked, spread, top, peak = stats.squeeze(2)
-        # At the row's maximum p = exp(max - lse) >= 1 / V: this log-sum-exp loses nothing to underflow.
-        lse = top - peak.log()
+        grads = None
+        if in_forward:
+            grads = _Gradients(x, head_weight, head_bias, rows, options, by_blocks=False)
+            picked, spread, lse = _statistics_by_rows(
+                x, head_weight, head_bias, rows, tile_weight, options, grads, factor
+            )
+        else:
+            picked, spread, lse = _statistics_by_blocks(x, head_weight, head_bias, rows, tile_weight, options)
         losses = rows.total * lse - rows.picked * picked
         if options.b:
             losses -= rows.spread * spread
@@ -522,47 +523,161 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-def _tile_logits(input_dtype: torch.dtype, options: _Options, with_gradient: bool) -> int:
-    """How many logits a tile holds: ``chunk_bytes`` (by default `DEFAULT_CHUNK_ROWS` rows of fp32 logits) over the
-    scratch bytes per logit (fp32 logits, their low-precision product, the cap's derivative)."""
-    budget = options.chunk_bytes
-    if budget is None:
-        budget = DEFAULT_CHUNK_ROWS * options.num_classes * options.dtype.itemsize
+def _statistics_by_rows(x, weight, bias, rows: _Rows, tile_weight, options: _Options, grads, factor):
+    """``z_y``, ``sum_c v_c z_c`` and ``lse`` of every counted row, from chunks of rows with the whole vocabulary; with
+    ``grads`` (a `_Gradients` by rows) each chunk's gradient, scaled by ``factor``, goes into it."""
+    stats = torch.empty(4, len(rows), 1, dtype=options.dtype, device=x.device)
+    step = max(1, _row_tile_logits(x.dtype, options, grads is not None) // options.num_classes)
+    buffers = ChunkBuffers()
+    for start in range(0, len(rows), step):
+        end = min(start + step, len(rows))
+        h = rows.hidden(x, start, end)
+        product = _product(h, weight, bias, buffers)
+        z = product if product.dtype == options.dtype else buffers.take(product.shape, options.dtype, x.device, "z")
+        z, derivative = _final(z.copy_(product) if z is not product else z, options, buffers, grads is not None)
+        factors = None
+        if grads is not None:
+            factors = GradientFactors(
+                (rows.total[start:end] * factor)[:, None],
+                (-rows.picked[start:end] * factor)[:, None],
+                None if options.b == 0 else (rows.spread[start:end] * factor)[:, None],
+            )
+        process_chunk(z, z, rows.target[start:end], tile_weight, stats[:, start:end], options.b != 0, factors)
+        if grads is not None:
+            if derivative is not None:
+                z.mul_(derivative)
+            _add_row_chunk(grads, z, h, weight, start, end, buffers)
+    picked, spread, top, peak = stats.squeeze(2)
+    # At the row's maximum p = exp(max - lse) >= 1 / V: this log-sum-exp loses nothing to underflow.
+    return picked, spread, top - peak.log()
+
+
+def _row_tile_logits(input_dtype: torch.dtype, options: _Options, with_gradient: bool) -> int:
+    """How many logits a chunk of rows holds (``recompute=False``): the budget (`_budget`) over the bytes per logit
+    of its buffers (fp32 logits, their bf16/fp16 product, the cap's derivative)."""
     nbytes = options.dtype.itemsize
     if input_dtype != options.dtype:
         nbytes += input_dtype.itemsize
     if options.softcap is not None and with_gradient:
         nbytes += options.dtype.itemsize
-    return budget // nbytes
+    return _budget(input_dtype, options) // nbytes
 
 
-class _Scratch:
-    """Flat buffers reused from tile to tile (tiles vary only at the ends), handed out as views of a given shape."""
-
-    def __init__(self):
-        self.buffers: dict[str, Tensor] = {}
-
-    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        numel = math.prod(shape)
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
-            buffer = self.buffers[name] = torch.empty(numel, dtype=dtype, device=device)
-        return buffer[:numel].view(shape)
+def _budget(input_dtype: torch.dtype, options: _Options) -> int:
+    """Bytes of a tile: ``chunk_bytes``, by default `DEFAULT_CHUNK_ROWS` rows of the logits in the inputs' dtype."""
+    if options.chunk_bytes is not None:
+        return options.chunk_bytes
+    return DEFAULT_CHUNK_ROWS * options.num_classes * input_dtype.itemsize
 
 
-def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, options: _Options, scratch: _Scratch, derivative: bool):
-    """The tile's final logits in ``options.dtype`` (rows of ``h`` x rows of ``weight``), and with ``derivative``
-    and a cap, ``1 - tanh^2`` (the cap's derivative; the scale's is folded into the per-row factors)."""
-    shape = (h.shape[0], weight.shape[0])
-    z = scratch.take("logits", shape, options.dtype, h.device)
-    # The product the model's own head computes (F.linear is addmm), in the inputs' dtype.
-    product = z if h.dtype == options.dtype else scratch.take("product", shape, h.dtype, h.device)
-    if bias is None:
-        torch.mm(h, weight.T, out=product)
-    else:
-        torch.addmm(bias, h, weight.T, out=product)
-    if product is not z:
-        z.copy_(product)
+def _statistics_by_blocks(x, weight, bias, rows: _Rows, tile_weight, options: _Options):
+    """What `_statistics_by_rows` returns (without gradients), from the tiles of `_Blocks`: each chunk's
+    log-sum-exp, as in `process_chunk`, joined to its rows' running one."""
+    dtype = options.dtype
+    picked = torch.zeros(len(rows), dtype=dtype, device=x.device)
+    spread = torch.zeros_like(picked)
+    lse = torch.full_like(picked, -math.inf)
+    plan = _Blocks(x, rows, options)
+    buffers = ChunkBuffers()
+    for index, first, last in plan.blocks():
+        block_weight = None if tile_weight is None else tile_weight[first:last]
+        for start, end, targets in plan.tiles():
+            product = _product(plan.hidden(x, start, end), weight[first:last], _rows_of(bias, first, last), buffers)
+            found, columns = targets.in_block(index, first)
+            # Each row's own logit, before a chunk computed in place overwrites it.
+            picked[start:end][found] = _final(product[found, columns].to(dtype), options, None, False)[0]
+
+            def work(begin, stop, start=start, product=product, block_weight=block_weight):
+                z, _ = _chunk_logits(product[begin:stop], options, buffers, False)
+                tile_rows = slice(start + begin, start + stop)
+                if options.b:
+                    spread[tile_rows] += z.sum(1) if block_weight is None else z @ block_weight
+                top = z.amax(1)
+                softmax_into(z, z)
+                torch.logaddexp(lse[tile_rows], top - z.amax(1).log(), out=lse[tile_rows])
+
+            run_row_chunks(end - start, _chunk_rows(last - first, dtype), work, x.device)
+    return picked, spread, lse
+
+
+class _Blocks:
+    """Tiles of vocabulary blocks x counted rows (``recompute=True``): a tile is the head's product in the inputs'
+    dtype, as many logits as the budget (`_budget`) holds, worked on in chunks of rows of `DEFAULT_CHUNK_BYTES` of
+    fp32. Blocks are as wide as that allows with all counted rows in one tile, so that one product over all rows
+    finishes each block of the head's gradient; more rows than that are split into row tiles."""
+
+    def __init__(self, x: Tensor, rows: _Rows, options: _Options):
+        tile = _budget(x.dtype, options) // x.dtype.itemsize
+        num_rows, self.num_classes = len(rows), options.num_classes
+        self.columns = min(self.num_classes, max(MIN_BLOCK_COLUMNS, tile // max(1, num_rows)))
+        step = max(1, min(num_rows, tile // self.columns))
+        self.row_tiles = [(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
+        self.one_tile = len(self.row_tiles) == 1
+        self.rows = rows
+        # The counted rows' hidden states, gathered once when they make one tile.
+        self.h_all = rows.hidden(x, 0, num_rows) if self.one_tile else None
+        self.targets = [
+            _TargetColumns(rows.target[start:end, 0], self.columns, self.num_classes) for start, end in self.row_tiles
+        ]
+
+    def blocks(self):
+        """(index, first class, end class) of each block."""
+        for index, first in enumerate(range(0, self.num_classes if self.row_tiles else 0, self.columns)):
+            yield index, first, min(first + self.columns, self.num_classes)
+
+    def tiles(self):
+        """(first row, end row, `_TargetColumns`) of each row tile."""
+        for (start, end), targets in zip(self.row_tiles, self.targets):
+            yield start, end, targets
+
+    def hidden(self, x: Tensor, start: int, end: int) -> Tensor:
+        """Hidden states of counted rows ``start:end`` (a row tile)."""
+        return self.h_all if self.one_tile else self.rows.hidden(x, start, end)
+
+
+class _TargetColumns:
+    """Where the rows' classes fall among blocks of ``columns`` classes (rows sorted by class, found once)."""
+
+    def __init__(self, target: Tensor, columns: int, num_classes: int):
+        self.columns, self.order = target.sort()
+        edges = torch.arange(0, num_classes + columns, columns, device=target.device).clamp_(max=num_classes)
+        # One read for all blocks.
+        self.bounds = torch.searchsorted(self.columns, edges).tolist()
+
+    def in_block(self, index: int, first: int) -> tuple[Tensor, Tensor]:
+        """The rows whose class is in block ``index`` (starting at class ``first``), and that class's column in it."""
+        low, high = self.bounds[index], self.bounds[index + 1]
+        return self.order[low:high], self.columns[low:high] - first
+
+
+def _chunk_rows(columns: int, dtype: torch.dtype) -> int:
+    """Rows of ``columns`` logits in a chunk of `hf_lsce.fused.DEFAULT_CHUNK_BYTES` (at least one)."""
+    return max(1, hf_lsce.fused.DEFAULT_CHUNK_BYTES // (columns * dtype.itemsize))
+
+
+def _product(h: Tensor, weight: Tensor, bias: Tensor | None, buffers: ChunkBuffers) -> Tensor:
+    """``F.linear(h, weight, bias)``, the product the model's own head computes, in the inputs' dtype, in a reused
+    buffer."""
+    out = buffers.take((h.shape[0], weight.shape[0]), h.dtype, h.device, "product")
+    return torch.mm(h, weight.T, out=out) if bias is None else torch.addmm(bias, h, weight.T, out=out)
+
+
+def _rows_of(tensor: Tensor | None, first: int, last: int) -> Tensor | None:
+    return None if tensor is None else tensor[first:last]
+
+
+def _chunk_logits(product: Tensor, options: _Options, buffers: ChunkBuffers, derivative: bool):
+    """A chunk of a tile's final logits in ``options.dtype`` (`_final`): the product's own rows for fp32/fp64, else
+    an fp32 copy in this thread's buffer."""
+    z = product
+    if product.dtype != options.dtype:
+        z = buffers.take(product.shape, options.dtype, product.device, "chunk").copy_(product)
+    return _final(z, options, buffers, derivative)
+
+
+def _final(z: Tensor, options: _Options, buffers: ChunkBuffers | None, derivative: bool):
+    """Scales and soft-caps the logits ``z`` in place (as `_final_logits`); with ``derivative`` and a cap, also
+    returns ``1 - tanh^2`` (the cap's derivative; the scale's is folded into the per-row factors)."""
     if options.scale is not None:
         z.mul_(options.scale)
     if options.softcap is None:
@@ -570,8 +685,8 @@ def _logits(h: Tensor, weight: Tensor, bias: Tensor | None, options: _Options, s
     z.div_(options.softcap).tanh_()
     cap_derivative = None
     if derivative:
-        cap_derivative = scratch.take("cap_derivative", shape, options.dtype, h.device)
-        torch.mul(z, z, out=cap_derivative).neg_().add_(1)
+        out = torch.empty_like(z) if buffers is None else buffers.take(z.shape, z.dtype, z.device, "derivative")
+        cap_derivative = torch.mul(z, z, out=out).neg_().add_(1)
     z.mul_(options.softcap)
     return z, cap_derivative
 
@@ -582,78 +697,91 @@ class _Gradients:
     Chunks of rows with the whole vocabulary (``by_blocks=False``) finish hidden's rows one chunk at a time (written
     in its dtype) and add up the head's gradient over the chunks (in fp32 for a bf16/fp16 head: an accumulator of the
     head's size). Blocks of the vocabulary over all rows (``by_blocks=True``) finish the head's rows one block at a
-    time and add up hidden's gradient over the blocks (in fp32 for bf16/fp16 hidden states).
+    time and add up hidden's gradient over the blocks, for the counted rows only (in fp32 for bf16/fp16 hidden states),
+    which `finish` spreads over all positions.
     """
 
     def __init__(self, x: Tensor, weight: Tensor, bias: Tensor | None, rows: _Rows, options: _Options, by_blocks):
         need_hidden, need_weight, need_bias = options.needs
         dtype = options.dtype
         self.rows = rows
+        self.positions = x.shape[0]
         self.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        hidden_dtype, weight_dtype = (dtype, weight.dtype) if by_blocks else (x.dtype, dtype)
-        # Hidden's gradient has all rows (ignored ones stay 0): counted rows are written or added by index.
-        self.hidden = torch.zeros(x.shape, dtype=hidden_dtype, device=x.device) if need_hidden else None
-        self.weight = torch.zeros(weight.shape, dtype=weight_dtype, device=x.device) if need_weight else None
+        # Row i of self.hidden is counted row i (else position i: ignored rows stay 0, counted ones written by index).
+        self.compact = by_blocks or rows.index is None
+        self.hidden = None
+        if need_hidden:
+            shape, hidden_dtype = ((len(rows), x.shape[1]), dtype) if by_blocks else (x.shape, x.dtype)
+            self.hidden = torch.zeros(shape, dtype=hidden_dtype, device=x.device)
+        self.weight = None
+        if need_weight:
+            # By blocks every row is written (or zeroed) block by block when any row counts.
+            make = torch.empty if by_blocks and len(rows) else torch.zeros
+            self.weight = make(weight.shape, dtype=weight.dtype if by_blocks else dtype, device=x.device)
         self.bias = torch.zeros(weight.shape[0], dtype=dtype, device=x.device) if need_bias else None
 
-    def add_hidden(self, start: int, end: int, g: Tensor, block: Tensor, first: bool, scratch: _Scratch) -> None:
-        """Adds ``g @ block`` to the gradient of counted rows ``start:end`` (``first``: the rows' only term)."""
-        if self.rows.index is None and g.dtype == self.hidden.dtype:
-            rows = self.hidden[start:end]
-            torch.mm(g, block, out=rows) if first else rows.addmm_(g, block)
+    def add_hidden(self, start: int, end: int, g: Tensor, block: Tensor, buffers: ChunkBuffers) -> None:
+        """Adds ``g @ block`` to the gradient of counted rows ``start:end``."""
+        if self.compact:
+            _add_product(self.hidden[start:end], g, block, buffers)
             return
-        # Ignored rows in between, or a bf16/fp16 product added to fp32 sums: through a temporary.
-        shape = (end - start, block.shape[1])
-        product = torch.mm(g, block, out=scratch.take("hidden_product", shape, g.dtype, g.device))
-        if self.rows.index is None:
-            self.hidden[start:end] += product
-        elif first:
-            self.hidden.index_copy_(0, self.rows.index[start:end], product.to(self.hidden.dtype))
-        else:
-            self.hidden.index_add_(0, self.rows.index[start:end], product.to(self.hidden.dtype))
+        # Chunks of rows (each finished by one product) with ignored rows in between.
+        product = buffers.take((end - start, block.shape[1]), g.dtype, g.device, "hidden_product")
+        self.hidden.index_copy_(0, self.rows.index[start:end], torch.mm(g, block, out=product))
 
     def finish(self, hidden_shape: torch.Size) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """The gradients in their inputs' dtypes, hidden's in ``hidden_shape``."""
-        hidden = None if self.hidden is None else self.hidden.to(self.dtypes[0]).view(hidden_shape)
+        # The fp32 sums are let go as soon as they are converted.
+        hidden, self.hidden = self.hidden, None
+        if hidden is not None:
+            hidden = hidden.to(self.dtypes[0])
+            if hidden.shape[0] != self.positions:
+                counted = hidden
+                hidden = counted.new_zeros(self.positions, counted.shape[1]).index_copy_(0, self.rows.index, counted)
+            hidden = hidden.view(hidden_shape)
         weight = None if self.weight is None else self.weight.to(self.dtypes[1])
         bias = None if self.bias is None else self.bias.to(self.dtypes[2])
         return hidden, weight, bias
 
 
-def _add_row_chunk(grads: _Gradients, g: Tensor, h: Tensor, weight: Tensor, start: int, end: int, scratch) -> None:
+def _add_row_chunk(grads: _Gradients, g: Tensor, h: Tensor, weight: Tensor, start: int, end: int, buffers) -> None:
     """Adds the gradient ``g`` of rows ``start:end`` x the whole vocabulary (``h``: those rows' hidden states)."""
-    g_product = _in_dtype(g, weight.dtype, scratch)
+    g_product = g if g.dtype == weight.dtype else buffers.take(g.shape, weight.dtype, g.device, "product").copy_(g)
     if grads.hidden is not None:
         # One product over the whole vocabulary finishes these rows.
-        grads.add_hidden(start, end, g_product, weight, True, scratch)
+        grads.add_hidden(start, end, g_product, weight, buffers)
     if grads.weight is not None:
-        _add_product(grads.weight, g_product.T, h, scratch)
+        _add_product(grads.weight, g_product.T, h, buffers)
     if grads.bias is not None:
         grads.bias += g.sum(0)
 
 
-def _in_dtype(g: Tensor, dtype: torch.dtype, scratch: _Scratch) -> Tensor:
-    """``g`` as the operand of a product in ``dtype`` (the inputs' dtype), through a reused buffer."""
-    if g.dtype == dtype:
-        return g
-    return scratch.take("product", g.shape, dtype, g.device).copy_(g)
-
-
-def _add_product(out: Tensor, a: Tensor, b: Tensor, scratch: _Scratch) -> None:
+def _add_product(out: Tensor, a: Tensor, b: Tensor, buffers: ChunkBuffers) -> None:
     """``out += a @ b``; a bf16/fp16 product goes through a temporary and is added to ``out`` in ``out``'s dtype."""
     if a.dtype == out.dtype:
         out.addmm_(a, b)
         return
-    # In blocks of out's rows, so that the temporary stays small (4 M elements).
-    step = max(1, (1 << 22) // b.shape[1])
+    # In blocks of out's rows, so that the temporary stays small (1 M elements).
+    step = max(1, (1 << 20) // b.shape[1])
     for start in range(0, out.shape[0], step):
         end = min(start + step, out.shape[0])
-        product = scratch.take("sum_product", (end - start, b.shape[1]), a.dtype, a.device)
-        out[start:end] += torch.mm(a[start:end], b, out=product)
+        product = torch.mm(a[start:end], b, out=buffers.take((end - start, b.shape[1]), a.dtype, a.device, "sum"))
+        _add_converted(out[start:end], product, buffers)
+
+
+def _add_converted(out: Tensor, low: Tensor, buffers: ChunkBuffers) -> None:
+    """``out += low`` for fp32 ``out`` and a bf16/fp16 ``low``, converted through a small buffer: PyTorch's CPU
+    kernels would convert all of ``low`` into a temporary of ``out``'s size first."""
+    step = max(1, (1 << 18) // out.shape[1])
+    for start in range(0, out.shape[0], step):
+        end = min(start + step, out.shape[0])
+        out[start:end] += buffers.take((end - start, out.shape[1]), out.dtype, out.device, "converted").copy_(
+            low[start:end]
+        )
 
 
 def _recompute_gradients(ctx, grad_output):
-    """The backward pass of ``recompute=True``: the logits again, in tiles, blocks of the vocabulary outermost."""
+    """The backward pass of ``recompute=True``: the logits again, in the tiles of `_Blocks`."""
     hidden, weight, bias, class_weight, reduction_scale = ctx.saved_tensors
     options, rows, lse = ctx.options, ctx.rows, ctx.lse
     dtype = options.dtype
@@ -661,7 +789,6 @@ def _recompute_gradients(ctx, grad_output):
     weight, bias = weight.detach(), None if bias is None else bias.detach()
     w = None if class_weight is None else class_weight.to(dtype)
     tile_weight = w if w is not None and options.weight_mode == "torch" else None
-    num_rows, num_classes = len(rows), options.num_classes
 
     # Per-row factors: the reduction's, the scale's and the incoming gradient (one per position for "none").
     factor = grad_output.to(dtype)
@@ -673,57 +800,91 @@ def _recompute_gradients(ctx, grad_output):
     if options.scale is not None:
         factor = factor * options.scale
     total, picked, spread = rows.total * factor, rows.picked * factor, rows.spread * factor
-
+    # U p = exp(z - lse + log U) when no U is negative (one read): the product is folded into the exponential.
+    fold = bool((total >= 0).all())
+    shift = (lse - total.log() if fold else lse)[:, None]
+    factors = GradientFactors(
+        None if fold else total[:, None], -picked[:, None], spread[:, None] if options.b else None
+    )
     grads = _Gradients(x, weight, bias, rows, options, by_blocks=True)
-    tile = _tile_logits(x.dtype, options, True)
-    # Blocks as wide as the budget allows with all rows in one tile, so that one product over all rows finishes
-    # each block of the head's gradient; more rows than that are split into tiles whose products are summed.
-    columns = min(num_classes, max(MIN_BLOCK_COLUMNS, tile // max(1, num_rows)))
-    step = max(1, min(num_rows, tile // columns))
-    scratch = _Scratch()
-    one_tile = step >= num_rows
-    h_all = rows.hidden(x, 0, num_rows) if one_tile else None
-    for first in range(0, num_classes if num_rows else 0, columns):
-        last = min(first + columns, num_classes)
+    if len(rows):
+        _recompute_tiles(grads, x, weight, bias, tile_weight, shift, factors, options)
+    return grads.finish(hidden.shape)
+
+
+def _recompute_tiles(grads, x, weight, bias, tile_weight, shift: Tensor, factors: GradientFactors, options) -> None:
+    """Adds every tile's gradient ``G = U p - u`` (times the cap's derivative) to ``grads``, from the logits less
+    ``shift`` (``lse``, or ``lse - log U`` where ``factors.total`` is None), in the tiles of `_Blocks`: each chunk of
+    the tile's product is replaced by its gradient, in the inputs' dtype, which then enters the products."""
+    dtype = options.dtype
+    plan = _Blocks(x, grads.rows, options)
+    buffers = ChunkBuffers()
+    for index, first, last in plan.blocks():
         block = weight[first:last]
-        block_bias = None if bias is None else bias[first:last]
         block_weight = None if tile_weight is None else tile_weight[first:last]
         weight_sum = None
-        if grads.weight is not None and not one_tile:
+        if grads.weight is not None and not plan.one_tile:
             # The block's gradient summed over row tiles: in place for fp32/fp64 heads, else in an fp32 buffer.
             weight_sum = grads.weight[first:last]
             if weight_sum.dtype != dtype:
-                weight_sum = scratch.take("weight_sum", block.shape, dtype, x.device).zero_()
-        for start in range(0, num_rows, step):
-            end = min(start + step, num_rows)
-            h = h_all if one_tile else rows.hidden(x, start, end)
-            z, derivative = _logits(h, block, block_bias, options, scratch, True)
-            # G = U p - u on the block's columns, with p from the forward pass's log-sum-exp.
-            z.sub_(lse[start:end, None]).exp_().mul_(total[start:end, None])
-            column = rows.target[start:end] - first
-            inside = (column >= 0) & (column < last - first)
-            z.scatter_add_(1, column.clamp(0, last - first - 1), torch.where(inside, -picked[start:end, None], 0))
-            if options.b:
-                if block_weight is None:
-                    z.sub_(spread[start:end, None])
-                else:
-                    z.addr_(spread[start:end], block_weight, alpha=-1)
-            if derivative is not None:
-                z.mul_(derivative)
-            g_product = _in_dtype(z, weight.dtype, scratch)
+                weight_sum = buffers.take(block.shape, dtype, x.device, "weight_sum")
+            weight_sum.zero_()
+        for start, end, targets in plan.tiles():
+            h = plan.hidden(x, start, end)
+            g = _product(h, block, _rows_of(bias, first, last), buffers)
+            tile_shift, tile_factors = shift[start:end], factors.rows(start, end)
+            found, columns = targets.in_block(index, first)
+            # The gradient at each row's own class, from its logit before a chunk computed in place overwrites it.
+            own = _own_class_gradient(
+                g[found, columns], found, columns, tile_shift, tile_factors, block_weight, options
+            )
+
+            def work(begin, stop, g=g, tile_shift=tile_shift, tile_factors=tile_factors, block_weight=block_weight):
+                z, derivative = _chunk_logits(g[begin:stop], options, buffers, True)
+                total, _, spread = tile_factors.rows(begin, stop)
+                z.sub_(tile_shift[begin:stop]).exp_()
+                if total is not None:
+                    z.mul_(total)
+                if spread is not None:
+                    if block_weight is None:
+                        z.sub_(spread)
+                    else:
+                        z.addr_(spread[:, 0], block_weight, alpha=-1)
+                if derivative is not None:
+                    z.mul_(derivative)
+                if z.dtype != g.dtype:
+                    g[begin:stop].copy_(z)
+
+            run_row_chunks(end - start, _chunk_rows(last - first, dtype), work, x.device)
+            g[found, columns] = own.to(g.dtype)
             if grads.hidden is not None:
-                grads.add_hidden(start, end, g_product, block, False, scratch)
+                grads.add_hidden(start, end, g, block, buffers)
             if grads.weight is not None:
-                if one_tile:
+                if plan.one_tile:
                     # One product over all rows finishes the block (a bf16/fp16 product accumulates in fp32).
-                    torch.mm(g_product.T, h, out=grads.weight[first:last])
+                    torch.mm(g.T, h, out=grads.weight[first:last])
                 else:
-                    _add_product(weight_sum, g_product.T, h, scratch)
+                    _add_product(weight_sum, g.T, h, buffers)
             if grads.bias is not None:
-                grads.bias[first:last] += z.sum(0)
+                grads.bias[first:last] += g.sum(0, dtype=dtype)
         if weight_sum is not None and weight_sum.dtype != grads.weight.dtype:
             grads.weight[first:last] = weight_sum
-    return grads.finish(hidden.shape)
+
+
+def _own_class_gradient(product, found, columns, shift, factors: GradientFactors, block_weight, options) -> Tensor:
+    """``G`` at the given rows' own classes from their products there, in the order of the chunks' operations with
+    the picked term added after the total's."""
+    z, derivative = _final(product.to(options.dtype), options, None, True)
+    total, picked, spread = (None if f is None else f[found, 0] for f in factors)
+    g = (z - shift[found, 0]).exp_()
+    if total is not None:
+        g.mul_(total)
+    g.add_(picked)
+    if spread is not None:
+        g.sub_(spread if block_weight is None else spread * block_weight[columns])
+    if derivative is not None:
+        g.mul_(derivative)
+    return g
 
 
 def _final_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float | None, softcap: float | None):

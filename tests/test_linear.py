@@ -72,7 +72,9 @@ def loss_and_grads(fn, hidden, head_weight, target, head_bias=None, *args, grad_
     loss = fn(leaves[0], leaves[1], target, leaves[2], *args, **kwargs)
     if loss.dim() and grad_output is None:  # a fixed, non-uniform weighting of the positions
         grad_output = torch.arange(loss.numel()).remainder(7).add(1).reshape(loss.shape)
-    loss.backward(grad_output.to(loss.dtype) if loss.dim() else None)
+    if grad_output is not None:
+        grad_output = grad_output.to(loss.dtype)
+    loss.backward(grad_output)
     return loss.detach(), *(None if t is None else t.grad for t in leaves)
 
 
@@ -214,6 +216,73 @@ def test_chunk_boundaries(monkeypatch, rows_per_chunk, block_columns):
             chunk_bytes=chunk_bytes,
             recompute=recompute,
         )
+        assert_all_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 3], ids=lambda r: f"{r}rows")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_chunks_within_tiles_on_the_thread_pool(monkeypatch, rows_per_chunk, dtype):
+    """recompute=True works on each tile in chunks of rows (`hf_lsce.fused.DEFAULT_CHUNK_BYTES`), shared out to the
+    thread pool when there are many: chunks of 1 and 3 rows (the last shorter). fp64: blocks of 16, 16 and 9 classes
+    by row tiles of 25 and 5 counted rows, to rounding of the logits path; bf16: blocks of 21 and 20 classes by all
+    30 counted rows, bit for bit as the tiles worked on whole (the chunks change no operation on any element)."""
+    hidden, weight, bias, target, class_weight = make_head((40,), 6, 41, dtype=dtype)
+    monkeypatch.setattr(hf_lsce.linear, "MIN_BLOCK_COLUMNS", 16)
+    tile_bytes = 410 * 8 if dtype == torch.float64 else 640 * 2
+    options = dict(label_smoothing=0.1, logit_scale=1.3, logit_softcap=4.0, recompute=True, chunk_bytes=tile_bytes)
+    pools = []
+    monkeypatch.setattr(
+        hf_lsce.fused, "_pool", lambda workers, real=hf_lsce.fused._pool: pools.append(1) or real(workers)
+    )
+    whole = loss_and_grads(linear_label_smoothed_cross_entropy, hidden, weight, target, bias, class_weight, **options)
+    assert not pools
+    monkeypatch.setattr(hf_lsce.fused, "DEFAULT_CHUNK_BYTES", rows_per_chunk * 41 * 8)
+    monkeypatch.setattr(hf_lsce.fused, "MIN_CHUNKS_PER_THREAD", 1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        chunked = loss_and_grads(
+            linear_label_smoothed_cross_entropy, hidden, weight, target, bias, class_weight, **options
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert pools
+    if dtype == torch.float64:
+        expected = loss_and_grads(
+            logits_path,
+            hidden,
+            weight,
+            target,
+            bias,
+            class_weight,
+            label_smoothing=0.1,
+            logit_scale=1.3,
+            logit_softcap=4.0,
+        )
+        assert_all_close(chunked, expected, rtol=1e-10, atol=1e-12)
+    else:
+        assert_all_close(chunked, whole, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("incoming", ["negative", "mixed signs", "zeros"])
+def test_negative_and_zero_incoming_gradients(linear, incoming):
+    """The backward pass folds U into the exponential (exp(z - lse + log U)) only when no row's factor is negative:
+    an incoming gradient of -2.5 (mean) or one per position with negatives takes the other way; zeros among positive
+    ones (log 0 = -inf) stay exact zeros. All to rounding of the logits path."""
+    reduction = "mean" if incoming == "negative" else "none"
+    if not applicable(linear, dict(reduction=reduction)):
+        pytest.skip("recompute=False has no reduction='none'")
+    hidden, weight, bias, target, class_weight = make_head((4, 9), 5, 41)
+    positions = torch.arange(36.0).reshape(4, 9)
+    grad_output = {
+        "negative": torch.tensor(-2.5),
+        "mixed signs": positions.remainder(5).sub(2),
+        "zeros": positions.remainder(3),
+    }[incoming]
+    for w in (None, class_weight):
+        options = dict(reduction=reduction, label_smoothing=0.2, logit_softcap=3.0, grad_output=grad_output)
+        expected = loss_and_grads(logits_path, hidden, weight, target, bias, w, **options)
+        actual = loss_and_grads(linear, hidden, weight, target, bias, w, **options)
         assert_all_close(actual, expected, rtol=1e-10, atol=1e-12)
 
 

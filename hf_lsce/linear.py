@@ -74,13 +74,20 @@ from hf_lsce.fused import (
 )
 from hf_lsce.loss import label_smoothed_cross_entropy, mean_denominator, safe_divide, smoothing_coefficients
 
-# The default tile is as large as this many rows of the logits in the inputs' dtype (with recompute=False: of its
-# buffers, fp32 logits, their bf16/fp16 product and the soft-cap's derivative): 128 MiB at V = 131072 for fp32
-# inputs, 64 MiB for bf16, whatever the number of tokens.
+# recompute=False: a tile's buffers (fp32 logits, their bf16/fp16 product, the soft-cap's derivative) are as large as
+# this many rows of fp32 logits, 128 MiB at V = 131072, whatever the number of tokens. bf16 in tiles of 128 rows'
+# worth instead of 256 took 1.6x the time in bench_linear (its fp32 accumulator of the head's gradient, 0.5x the bf16
+# logits at N = 4096, is most of its memory anyway).
 # The matrix products need a few hundred rows to run at speed: on the project's 2-core VM (MKL), hidden @ W.T for
 # 1024 rows, D = 1024, V = 32768, fp32, in tiles of 64 / 128 / 256 / 512 / 1024 rows took 4.2 / 2.9 / 2.5 / 2.2 /
 # 2.0 s (ad-hoc runs, medians of 3), and the forward-pass order with 64-row tiles was 1.4x eager PyTorch's time.
 DEFAULT_CHUNK_ROWS = 256
+
+# recompute=True: a tile, the head's product in the inputs' dtype, is as large as this many rows of it (48 MiB at
+# V = 131072 in bf16). bf16, N = 4096, D = 1024, 10 % ignored, against 256 rows (ad-hoc runs on the 2-core VM, medians
+# of 3-7 interleaved rounds): V = 131072 3.46 / 3.72 s and 0.074x / 0.092x the logits in extra memory; V = 32768
+# 0.83 / 0.80 s and 0.14x / 0.20x.
+DEFAULT_BLOCK_ROWS = 192
 
 # Blocks of the vocabulary (recompute=True) are at least this wide: narrower ones make the matrix products slow.
 MIN_BLOCK_COLUMNS = 256
@@ -156,8 +163,9 @@ def linear_label_smoothed_cross_entropy(
         chunk_bytes (`int`, *optional*): about the bytes of one tile: its logits in the inputs' dtype
             (``recompute=True``), or its fp32 logits with their bf16/fp16 product and the cap's derivative
             (``recompute=False``); a tile holds at least one row of the vocabulary (``recompute=False``) or
-            ``MIN_BLOCK_COLUMNS`` columns. Defaults to `DEFAULT_CHUNK_ROWS` rows of the logits in the inputs' dtype
-            (``DEFAULT_CHUNK_ROWS * V * itemsize``: it does not grow with the number of tokens).
+            ``MIN_BLOCK_COLUMNS`` columns. Defaults to `DEFAULT_BLOCK_ROWS` rows of the logits in the inputs' dtype
+            (``recompute=True``) or `DEFAULT_CHUNK_ROWS` rows of fp32 logits (``recompute=False``): it does not grow
+            with the number of tokens.
         recompute (`bool`, *optional*): ``False``: gradients computed during the forward pass and kept until the
             backward pass (three matrix products; ``reduction="mean"`` or ``"sum"`` only). ``True``: logits
             recomputed in the backward pass (four products; nothing of the head's size is accumulated). None (the
@@ -414,7 +422,7 @@ class _Options:
     reduction: str
     softcap: float | None
     scale: float | None
-    chunk_bytes: int | None  # None: DEFAULT_CHUNK_ROWS rows' worth
+    chunk_bytes: int | None  # None: the defaults of `_budget`'s callers
     recompute: bool
     needs: tuple[bool, bool, bool]  # gradients of hidden, head_weight, head_bias
     positions: tuple[int, ...]  # target's shape
@@ -553,21 +561,21 @@ def _statistics_by_rows(x, weight, bias, rows: _Rows, tile_weight, options: _Opt
 
 
 def _row_tile_logits(input_dtype: torch.dtype, options: _Options, with_gradient: bool) -> int:
-    """How many logits a chunk of rows holds (``recompute=False``): the budget (`_budget`) over the bytes per logit
-    of its buffers (fp32 logits, their bf16/fp16 product, the cap's derivative)."""
+    """How many logits a chunk of rows holds (``recompute=False``): the budget (`_budget` in fp32) over the bytes per
+    logit of its buffers (fp32 logits, their bf16/fp16 product, the cap's derivative)."""
     nbytes = options.dtype.itemsize
     if input_dtype != options.dtype:
         nbytes += input_dtype.itemsize
     if options.softcap is not None and with_gradient:
         nbytes += options.dtype.itemsize
-    return _budget(input_dtype, options) // nbytes
+    return _budget(options, DEFAULT_CHUNK_ROWS, options.dtype) // nbytes
 
 
-def _budget(input_dtype: torch.dtype, options: _Options) -> int:
-    """Bytes of a tile: ``chunk_bytes``, by default `DEFAULT_CHUNK_ROWS` rows of the logits in the inputs' dtype."""
+def _budget(options: _Options, rows: int, dtype: torch.dtype) -> int:
+    """Bytes of a tile: ``chunk_bytes``, by default ``rows`` rows of logits in ``dtype``."""
     if options.chunk_bytes is not None:
         return options.chunk_bytes
-    return DEFAULT_CHUNK_ROWS * options.num_classes * input_dtype.itemsize
+    return rows * options.num_classes * dtype.itemsize
 
 
 def _statistics_by_blocks(x, weight, bias, rows: _Rows, tile_weight, options: _Options):
@@ -607,7 +615,7 @@ class _Blocks:
     finishes each block of the head's gradient; more rows than that are split into row tiles."""
 
     def __init__(self, x: Tensor, rows: _Rows, options: _Options):
-        tile = _budget(x.dtype, options) // x.dtype.itemsize
+        tile = _budget(options, DEFAULT_BLOCK_ROWS, x.dtype) // x.dtype.itemsize
         num_rows, self.num_classes = len(rows), options.num_classes
         self.columns = min(self.num_classes, max(MIN_BLOCK_COLUMNS, tile // max(1, num_rows)))
         step = max(1, min(num_rows, tile // self.columns))

@@ -296,9 +296,7 @@ def test_two_processes_equal_full_batch_weighted_mean(tmp_path, references):
         sft = None
     weighted_tasks = [*tasks.TASKS, "sft"] if sft is not None else list(tasks.TASKS)
     out = tmp_path / "results.pt"
-    results = run_two_processes(
-        "trainer_worker.py", out, *(f"sample_weight/{task}" for task in weighted_tasks)
-    )
+    results = run_two_processes("trainer_worker.py", out, *(f"sample_weight/{task}" for task in weighted_tasks))
     expected = {task: references[task, "torch"] for task in tasks.TASKS}
     if sft is not None:
         # SFT runs in its default weight_mode="example", as trainer_sft_tasks' truth does.

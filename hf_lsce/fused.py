@@ -404,7 +404,7 @@ def process_chunk(x, z, target, w, stats, spread, factors) -> None:
             torch.mm(x, w[:, None], out=spread_sum)
     # Reductions without indices: max() with its argmax takes as long as the softmax itself.
     torch.amax(x, 1, keepdim=True, out=top)
-    softmax_into(x, z)
+    _softmax_into(x, z)
     torch.amax(z, 1, keepdim=True, out=peak)
     if factors is None:
         return
@@ -423,7 +423,7 @@ def process_chunk(x, z, target, w, stats, spread, factors) -> None:
         z.scatter_add_(1, target, picked_factor)
 
 
-def softmax_into(x: Tensor, z: Tensor) -> None:
+def _softmax_into(x: Tensor, z: Tensor) -> None:
     """Writes ``softmax(x)`` into ``z`` (which may be ``x``).
 
     PyTorch's softmax kernel computes max, exp and sum row by row while the row is in cache. On CPU its output

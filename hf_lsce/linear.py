@@ -70,7 +70,6 @@ from hf_lsce.fused import (
     process_chunk,
     run_row_chunks,
     smoothed_gradient,
-    softmax_into,
 )
 from hf_lsce.loss import label_smoothed_cross_entropy, mean_denominator, safe_divide, smoothing_coefficients
 
@@ -580,7 +579,7 @@ def _budget(options: _Options, rows: int, dtype: torch.dtype) -> int:
 
 def _statistics_by_blocks(x, weight, bias, rows: _Rows, tile_weight, options: _Options):
     """What `_statistics_by_rows` returns (without gradients), from the tiles of `_Blocks`: each chunk's
-    log-sum-exp, as in `process_chunk`, joined to its rows' running one."""
+    log-sum-exp joined to its rows' running one."""
     dtype = options.dtype
     picked = torch.zeros(len(rows), dtype=dtype, device=x.device)
     spread = torch.zeros_like(picked)
@@ -600,9 +599,11 @@ def _statistics_by_blocks(x, weight, bias, rows: _Rows, tile_weight, options: _O
                 tile_rows = slice(start + begin, start + stop)
                 if options.b:
                     spread[tile_rows] += z.sum(1) if block_weight is None else z @ block_weight
-                top = z.amax(1)
-                softmax_into(z, z)
-                torch.logaddexp(lse[tile_rows], top - z.amax(1).log(), out=lse[tile_rows])
+                # max + log(sum(exp(z - max))): the sum is at least 1 (the maximum's term), so nothing underflows;
+                # three passes over the chunk where a softmax and two maxima took five.
+                top = z.amax(1, keepdim=True)
+                chunk_lse = z.sub_(top).exp_().sum(1).log_().add_(top[:, 0])
+                torch.logaddexp(lse[tile_rows], chunk_lse, out=lse[tile_rows])
 
             run_row_chunks(end - start, _chunk_rows(last - first, dtype), work, x.device)
     return picked, spread, lse

@@ -105,11 +105,11 @@ def test_same_result_on_one_or_several_threads(chunk_bytes, monkeypatch, rows_pe
 
 
 def test_softmax_may_write_into_its_input():
-    """`softmax_into` relies on PyTorch's softmax reading each element before writing it (in-place path)."""
+    """`_softmax_into` relies on PyTorch's softmax reading each element before writing it (in-place path)."""
     x = 5 * torch.randn(7, 3000)
     expected = torch.softmax(x, 1)
     z = x.clone()
-    hf_lsce.fused.softmax_into(z, z)
+    hf_lsce.fused._softmax_into(z, z)
     torch.testing.assert_close(z, expected)
 
 

@@ -672,6 +672,7 @@ def _product(h: Tensor, weight: Tensor, bias: Tensor | None, buffers: ChunkBuffe
 
 
 def _rows_of(tensor: Tensor | None, first: int, last: int) -> Tensor | None:
+    """``tensor[first:last]``, or None for None (a bias that is not there)."""
     return None if tensor is None else tensor[first:last]
 
 

@@ -218,20 +218,20 @@ def wide_trainer_table(records: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     descriptions = []
-    for record in records:
-        for row in record["rows"]:
-            cells = [
-                str(row["vocab_size"]),
-                WIDE_VARIANTS.get(row["variant"], row["variant"]),
-                f"{row['seconds_median'] * 1e3:.0f}",
-                f"{row['ratio_median']:.3f} [{row['ratio_min']:.3f}–{row['ratio_max']:.3f}]",
-                f"{row['peak_rss_median'] / 2**30:.2f}",
-                f"{row['rss_ratio_median']:.3f} [{row['rss_ratio_min']:.3f}–{row['rss_ratio_max']:.3f}]",
-                f"{row['train_rss_growth_median'] / 2**30:.2f}",
-            ]
-            out.append("| " + " | ".join(cells) + " |")
-            if row["description"] not in descriptions:
-                descriptions.append(row["description"])
+    # Largest vocabulary first, whichever record a size comes from (the trainers' order within a size is kept).
+    for row in sorted((row for record in records for row in record["rows"]), key=lambda row: -row["vocab_size"]):
+        cells = [
+            str(row["vocab_size"]),
+            WIDE_VARIANTS.get(row["variant"], row["variant"]),
+            f"{row['seconds_median'] * 1e3:.0f}",
+            f"{row['ratio_median']:.3f} [{row['ratio_min']:.3f}–{row['ratio_max']:.3f}]",
+            f"{row['peak_rss_median'] / 2**30:.2f}",
+            f"{row['rss_ratio_median']:.3f} [{row['rss_ratio_min']:.3f}–{row['rss_ratio_max']:.3f}]",
+            f"{row['train_rss_growth_median'] / 2**30:.2f}",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+        if row["description"] not in descriptions:
+            descriptions.append(row["description"])
     first = records[0]["rows"][0]
     out += [
         "",

@@ -30,10 +30,11 @@ logger = logging.get_logger(__name__)
 
 # fused_linear="auto" takes the linear path on CPU from this vocabulary size up, where it was measured faster than the
 # logits path (it always uses less memory). `python -m benchmarks.bench_trainer --wide` (a Llama, 2 layers, hidden
-# 256, batch 8 x 256; docs/performance.md), step time as a multiple of the plain Trainer's, linear / logits path:
-# 1.14x / 0.87x at V = 32768, 0.76x / 0.79x at 131072. Ad-hoc runs of the same model (2 rounds, under load), linear
-# over logits path: 1.48x at 4096, 1.45x at 16384, 0.77x at 65536.
-LINEAR_MIN_VOCABULARY = 65536
+# 256, batch 8 x 256, the 2-core VM with no other job; docs/performance.md), step time of the linear path over the
+# logits path's: 1.06x at V = 1024, 0.94x at 4096, 0.91x at 8192, 0.89x at 16384, 0.92x at 32768, 0.76x at 131072.
+# Under other jobs' load (1-minute load average 4-8) the tiles suffer most: 1.45x at 16384, 1.31x at 32768, 0.96x at
+# 131072 in earlier runs.
+LINEAR_MIN_VOCABULARY = 8192
 
 
 def _plain(model: nn.Module) -> dict:

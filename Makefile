@@ -76,12 +76,18 @@ study-imbalanced3: demo-data
 study-shift: demo-data
 	$(OFFLINE) $(PY) examples/compare_smoothing.py --config configs/experiments/compare_shift.yaml
 
-# Loss, trainer and linear-head benchmarks, then the performance tables (pasted into docs/performance.md) and plot
-# (over an hour on 2 cores).
+# Loss, trainer, wide-trainer (fused_linear, the "auto" rule's vocabularies), linear-head and import benchmarks, then
+# the performance tables (pasted into docs/performance.md) and plot (about 95 minutes on 2 cores).
+WIDE := $(OFFLINE) $(PY) -m benchmarks.bench_trainer --wide --rounds 3 --steps 2 --warmup 1
 bench: demo-data
 	$(PY) -m benchmarks.bench_loss
 	$(OFFLINE) $(PY) -m benchmarks.bench_trainer
+	$(WIDE) --vocab 131072
+	$(WIDE) --vocab 32768 --output benchmarks/results/bench_trainer_wide_32768.json
+	$(WIDE) --vocab 16384 8192 --output benchmarks/results/bench_trainer_wide_16384_8192.json
+	$(WIDE) --vocab 4096 1024 --output benchmarks/results/bench_trainer_wide_4096_1024.json
 	$(PY) -m benchmarks.bench_linear
+	$(PY) -m benchmarks.bench_import --readme docs/performance.md
 	$(PY) -m benchmarks.report --readme docs/performance.md
 
 clean:

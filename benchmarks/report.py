@@ -450,8 +450,11 @@ def main():
         help=f"page to paste the table into (docs/performance.md), between its results:{README_MARKER} markers",
     )
     args = parser.parse_args()
+    # A usage error is one line and exit status 2, before anything is written.
     if not args.loss.is_file():
-        raise SystemExit(f"{args.loss} does not exist: run python -m benchmarks.bench_loss first")
+        parser.exit(2, f"error: {args.loss}: no such file (run python -m benchmarks.bench_loss first)\n")
+    if args.readme is not None and not args.readme.is_file():
+        parser.exit(2, f"error: --readme {args.readme}: no such file\n")
     loss_record = json.loads(args.loss.read_text())
     trainer_record = json.loads(args.trainer.read_text()) if args.trainer.is_file() else None
     if trainer_record is None:
@@ -472,7 +475,7 @@ def main():
         try:
             paste_into_readme(args.readme, README_MARKER, table)
         except ValueError as error:
-            raise SystemExit(str(error)) from None
+            parser.exit(2, f"error: {error}\n")
         print(f"pasted the table into {args.readme}")
 
 

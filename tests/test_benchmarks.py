@@ -38,9 +38,19 @@ def test_report_refuses_a_page_without_markers(tmp_path):
     page = tmp_path / "performance.md"
     page.write_text("no markers\n")
     done = run_module("benchmarks.report", "--output-dir", str(tmp_path / "out"), "--readme", str(page))
-    assert done.returncode != 0
-    assert "results:performance" in done.stderr
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and "results:performance" in done.stderr
     assert page.read_text() == "no markers\n"
+
+
+def test_report_says_one_line_for_a_missing_page(tmp_path):
+    """A --readme page that does not exist: one line, status 2, and nothing written (no table, no plot)."""
+    done = run_module(
+        "benchmarks.report", "--output-dir", str(tmp_path / "out"), "--readme", str(tmp_path / "missing.md")
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"error: --readme {tmp_path / 'missing.md'}: no such file"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_write_record_writes_the_whole_record_with_the_module_command(tmp_path):

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.harness import REPO, RESULTS, machine, ratios, rotations, spread, write_record
+from benchmarks.harness import REPO, RESULTS, machine, paste_table, ratios, rotations, spread, write_record
 
 README_MARKER = "import"
 RECORD = RESULTS / "bench_import.json"
@@ -140,13 +140,7 @@ def main() -> None:
                 f"peak memory of {STATEMENTS[BASELINE]} ({verdict} the {TARGET}x target)"
             )
     if args.readme:
-        from examples.common import UsageError, paste_into_readme
-
-        try:
-            paste_into_readme(args.readme, README_MARKER, text)
-        except UsageError as error:
-            parser.exit(2, f"error: {error}\n")
-        print(f"pasted the table into {args.readme}")
+        paste_table(parser, args.readme, README_MARKER, text)
 
 
 if __name__ == "__main__":

@@ -180,6 +180,20 @@ def command_line() -> str:
     return " ".join([Path(sys.executable).name, *script, *sys.argv[1:]])
 
 
+def paste_table(parser, page: Path, marker: str, table: str) -> None:
+    """Pastes ``table`` into ``page`` between its ``results:marker`` markers (`examples.common.paste_into_readme`);
+    a page that cannot be read or lacks the markers ends the run as a usage error: one line, ``error: ...``, exit
+    status 2 (``parser.exit``)."""
+    # examples/common.py imports Transformers: only when a page is pasted into.
+    from examples.common import UsageError, paste_into_readme
+
+    try:
+        paste_into_readme(page, marker, table)
+    except UsageError as error:
+        parser.exit(2, f"error: {error}\n")
+    print(f"pasted the table into {page}")
+
+
 def write_record(path: Path, benchmark: str, info: dict, started: float, rows: list[dict], **fields) -> None:
     """Writes a benchmark's JSON record whole: the command, the machine (with the load average now), ``fields``,
     the wall time and the rows."""

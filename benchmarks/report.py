@@ -18,7 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.harness import RESULTS
+from benchmarks.harness import RESULTS, paste_table
 
 README_MARKER = "performance"
 
@@ -469,14 +469,7 @@ def main():
     plot_loss(loss_record, args.output_dir / "bench_loss.png")
     print(f"wrote {args.output_dir / 'README_table.md'} and {args.output_dir / 'bench_loss.png'}")
     if args.readme is not None:
-        # The examples' README paster (examples/common.py imports Transformers, hence only here).
-        from examples.common import paste_into_readme
-
-        try:
-            paste_into_readme(args.readme, README_MARKER, table)
-        except ValueError as error:
-            parser.exit(2, f"error: {error}\n")
-        print(f"pasted the table into {args.readme}")
+        paste_table(parser, args.readme, README_MARKER, table)
 
 
 if __name__ == "__main__":

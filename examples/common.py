@@ -530,13 +530,17 @@ def paste_into_readme(readme: str | Path, marker: str | None, content: str) -> N
     ``compare_report.py`` for the study tables and by ``benchmarks/report.py`` for the performance table.
 
     Raises:
-        `UsageError`: if `marker` is empty, or `readme` lacks the two markers (once each, in that order).
+        `UsageError`: if `marker` is empty, `readme` cannot be read, or it lacks the two markers (once each, in that
+            order).
     """
     if not marker:
         raise UsageError("--readme_marker", "--readme needs it: the NAME in <!-- results:NAME -->")
     readme = Path(readme)
     start, end = f"<!-- results:{marker} -->", f"<!-- /results:{marker} -->"
-    text = readme.read_text()
+    try:
+        text = readme.read_text()
+    except OSError as error:
+        raise UsageError(readme, f"cannot be read ({error.strerror or error})") from None
     if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
         raise UsageError(readme, f"must contain {start} once, followed by {end} once")
     before, rest = text.split(start)

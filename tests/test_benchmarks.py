@@ -132,3 +132,12 @@ def test_bench_linear_loads_cce_torch_compile_without_triton():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "cut_cross_entropy.torch_compile"
+
+
+def test_bench_import_says_one_line_for_a_missing_page(tmp_path):
+    """The shared paster (`harness.paste_table`, `examples.common.paste_into_readme`): a page that cannot be read is a
+    usage error, one line and status 2, not a traceback."""
+    page = tmp_path / "missing.md"
+    done = run_module("benchmarks.bench_import", "--report", "--readme", str(page))
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"error: {page}: cannot be read (No such file or directory)"]

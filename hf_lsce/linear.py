@@ -82,11 +82,16 @@ from hf_lsce.loss import label_smoothed_cross_entropy, mean_denominator, safe_di
 # 2.0 s (ad-hoc runs, medians of 3), and the forward-pass order with 64-row tiles was 1.4x eager PyTorch's time.
 DEFAULT_CHUNK_ROWS = 256
 
-# recompute=True: a tile, the head's product in the inputs' dtype, is as large as this many rows of it (48 MiB at
-# V = 131072 in bf16). bf16, N = 4096, D = 1024, 10 % ignored, against 256 rows (ad-hoc runs on the 2-core VM, medians
-# of 3-7 interleaved rounds): V = 131072 3.46 / 3.72 s and 0.074x / 0.092x the logits in extra memory; V = 32768
-# 0.83 / 0.80 s and 0.14x / 0.20x.
+# recompute=True: a tile, the head's product in the inputs' dtype, is as large as this many rows of it, ...
+# bf16, N = 4096, D = 1024, 10 % ignored, against 256 rows (ad-hoc runs on the 2-core VM, medians of 3-7 interleaved
+# rounds): V = 32768 0.83 / 0.80 s and 0.14x / 0.20x the logits in extra memory.
 DEFAULT_BLOCK_ROWS = 192
+
+# ... and at most this many bytes: at large V narrower blocks are faster. Same runs, V = 131072, medians of 4 rounds:
+# bf16 tiles of 48 (192 rows) / 32 / 24 / 16 / 12 MiB took 3.39 / 3.35 / 3.11 / 3.12 / 3.16 s with 0.079x / 0.069x /
+# 0.066x / 0.050x / 0.035x the logits in extra memory; fp32 tiles of 96 (192 rows) / 48 / 24 MiB 13.0 s each, with
+# 0.059x / 0.030x / 0.021x.
+DEFAULT_BLOCK_BYTES = 24 << 20
 
 # Blocks of the vocabulary (recompute=True) are at least this wide: narrower ones make the matrix products slow.
 MIN_BLOCK_COLUMNS = 256
@@ -163,8 +168,8 @@ def linear_label_smoothed_cross_entropy(
             (``recompute=True``), or its fp32 logits with their bf16/fp16 product and the cap's derivative
             (``recompute=False``); a tile holds at least one row of the vocabulary (``recompute=False``) or
             ``MIN_BLOCK_COLUMNS`` columns. Defaults to `DEFAULT_BLOCK_ROWS` rows of the logits in the inputs' dtype
-            (``recompute=True``) or `DEFAULT_CHUNK_ROWS` rows of fp32 logits (``recompute=False``): it does not grow
-            with the number of tokens.
+            and at most `DEFAULT_BLOCK_BYTES` (``recompute=True``), or `DEFAULT_CHUNK_ROWS` rows of fp32 logits
+            (``recompute=False``): it does not grow with the number of tokens.
         recompute (`bool`, *optional*): ``False``: gradients computed during the forward pass and kept until the
             backward pass (three matrix products; ``reduction="mean"`` or ``"sum"`` only). ``True``: logits
             recomputed in the backward pass (four products; nothing of the head's size is accumulated). None (the
@@ -570,11 +575,12 @@ def _row_tile_logits(input_dtype: torch.dtype, options: _Options, with_gradient:
     return _budget(options, DEFAULT_CHUNK_ROWS, options.dtype) // nbytes
 
 
-def _budget(options: _Options, rows: int, dtype: torch.dtype) -> int:
-    """Bytes of a tile: ``chunk_bytes``, by default ``rows`` rows of logits in ``dtype``."""
+def _budget(options: _Options, rows: int, dtype: torch.dtype, most: int | None = None) -> int:
+    """Bytes of a tile: ``chunk_bytes``, by default ``rows`` rows of logits in ``dtype`` (at most ``most``)."""
     if options.chunk_bytes is not None:
         return options.chunk_bytes
-    return rows * options.num_classes * dtype.itemsize
+    nbytes = rows * options.num_classes * dtype.itemsize
+    return nbytes if most is None else min(nbytes, most)
 
 
 def _statistics_by_blocks(x, weight, bias, rows: _Rows, tile_weight, options: _Options):
@@ -616,7 +622,7 @@ class _Blocks:
     finishes each block of the head's gradient; more rows than that are split into row tiles."""
 
     def __init__(self, x: Tensor, rows: _Rows, options: _Options):
-        tile = _budget(options, DEFAULT_BLOCK_ROWS, x.dtype) // x.dtype.itemsize
+        tile = _budget(options, DEFAULT_BLOCK_ROWS, x.dtype, DEFAULT_BLOCK_BYTES) // x.dtype.itemsize
         num_rows, self.num_classes = len(rows), options.num_classes
         self.columns = min(self.num_classes, max(MIN_BLOCK_COLUMNS, tile // max(1, num_rows)))
         step = max(1, min(num_rows, tile // self.columns))

@@ -286,6 +286,38 @@ def test_negative_and_zero_incoming_gradients(linear, incoming):
         assert_all_close(actual, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_default_tiles_are_capped_in_bytes(monkeypatch):
+    """recompute=True's default tile is `DEFAULT_BLOCK_ROWS` rows of the logits, at most `DEFAULT_BLOCK_BYTES`: with
+    the cap at 16 KiB, 40 counted bf16 rows x V = 1000 (192 rows would be 375 KiB) go in blocks of at most 204
+    columns; an explicit ``chunk_bytes`` is not capped. The losses and gradients agree with one tile."""
+    hidden, weight, bias, target, class_weight = make_head((40,), 6, 1000, ignored=0, dtype=torch.bfloat16)
+    products, real_product = [], hf_lsce.linear._product
+
+    def product(*args):
+        products.append(real_product(*args))
+        return products[-1]
+
+    monkeypatch.setattr(hf_lsce.linear, "_product", product)
+    monkeypatch.setattr(hf_lsce.linear, "MIN_BLOCK_COLUMNS", 16)
+
+    def run(**chunk):
+        products.clear()
+        result = loss_and_grads(
+            linear_label_smoothed_cross_entropy, hidden, weight, target, bias, recompute=True, **chunk
+        )
+        return result, {tuple(p.shape) for p in products}
+
+    one_tile, shapes = run()
+    assert shapes == {(40, 1000)}
+    monkeypatch.setattr(hf_lsce.linear, "DEFAULT_BLOCK_BYTES", 16 << 10)
+    capped, shapes = run()
+    assert max(rows * columns * 2 for rows, columns in shapes) <= 16 << 10
+    assert shapes == {(40, 204), (40, 184)}
+    assert_all_close(capped, one_tile, rtol=2e-2, atol=2e-2)
+    _, shapes = run(chunk_bytes=40 * 1000 * 2)
+    assert shapes == {(40, 1000)}
+
+
 def test_tiles_of_many_rows_and_blocks_in_fp32(monkeypatch):
     """fp32 and bf16 heads with row tiles and vocabulary blocks (their gradient sums over tiles) against the one-tile
     result."""

@@ -721,16 +721,14 @@ class _Gradients:
         need_hidden, need_weight, need_bias = options.needs
         dtype = options.dtype
         self.rows = rows
+        self.positions = x.shape[0]
         self.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         # Row i of self.hidden is counted row i (else position i: ignored rows stay 0, counted ones written by index).
         self.compact = by_blocks or rows.index is None
-        self.hidden = self.out = None
+        self.hidden = None
         if need_hidden:
             shape, hidden_dtype = ((len(rows), x.shape[1]), dtype) if by_blocks else (x.shape, x.dtype)
             self.hidden = torch.zeros(shape, dtype=hidden_dtype, device=x.device)
-            if by_blocks:
-                # Hidden's gradient as returned, allocated now so that the tiles can borrow its memory (`scratch`).
-                self.out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         self.weight = None
         if need_weight:
             # By blocks every row is written (or zeroed) block by block when any row counts.
@@ -747,25 +745,15 @@ class _Gradients:
         product = buffers.take((end - start, block.shape[1]), g.dtype, g.device, "hidden_product")
         self.hidden.index_copy_(0, self.rows.index[start:end], torch.mm(g, block, out=product))
 
-    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        """A tensor to use until `finish`: a view of the memory of hidden's gradient as it will be returned
-        (``by_blocks``, hidden's gradient wanted, large enough), else a new one."""
-        out = self.out
-        if out is None or out.dtype != dtype or out.numel() < math.prod(shape):
-            return torch.empty(shape, dtype=dtype, device=self.rows.target.device)
-        return out.view(-1)[: math.prod(shape)].view(shape)
-
     def finish(self, hidden_shape: torch.Size) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """The gradients in their inputs' dtypes, hidden's in ``hidden_shape``."""
         # The fp32 sums are let go as soon as they are converted.
         hidden, self.hidden = self.hidden, None
-        if hidden is not None and self.out is not None:
-            counted, hidden, self.out = hidden, self.out, None
-            if self.rows.index is None:
-                hidden.copy_(counted)
-            else:
-                hidden.zero_().index_copy_(0, self.rows.index, counted.to(hidden.dtype))
         if hidden is not None:
+            hidden = hidden.to(self.dtypes[0])
+            if hidden.shape[0] != self.positions:
+                counted = hidden
+                hidden = counted.new_zeros(self.positions, counted.shape[1]).index_copy_(0, self.rows.index, counted)
             hidden = hidden.view(hidden_shape)
         weight = None if self.weight is None else self.weight.to(self.dtypes[1])
         bias = None if self.bias is None else self.bias.to(self.dtypes[2])
@@ -847,13 +835,13 @@ def _recompute_tiles(grads, x, weight, bias, tile_weight, shift: Tensor, factors
     dtype = options.dtype
     plan = _Blocks(x, grads.rows, options)
     buffers = ChunkBuffers()
-    # A block of the head's gradient as (h.T @ G).T with h.T made contiguous once, in bf16 on CPU, where oneDNN's
+    # A block of the head's gradient as (h.T @ G).T with a contiguous copy of h.T, in bf16 on CPU, where oneDNN's
     # G.T @ h (a transposed left operand) took ~2x as long: at D = 1024, 3686 rows, blocks of 1706 / 3413 classes,
     # 11.5 / 24.7 ms against 7.1 / 16.8 ms with the copy of the transposed result (ad-hoc runs on the 2-core VM);
     # fp32 and fp16 gained nothing.
     h_t = None
     if grads.weight is not None and plan.one_tile and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        h_t = grads.scratch(plan.h_all.shape[::-1], x.dtype).copy_(plan.h_all.T)
+        h_t = plan.h_all.T.contiguous()
     for index, first, last in plan.blocks():
         block = weight[first:last]
         block_weight = None if tile_weight is None else tile_weight[first:last]

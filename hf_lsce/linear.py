@@ -87,11 +87,13 @@ DEFAULT_CHUNK_ROWS = 256
 # rounds): V = 32768 0.83 / 0.80 s and 0.14x / 0.20x the logits in extra memory.
 DEFAULT_BLOCK_ROWS = 192
 
-# ... and at most this many bytes: at large V narrower blocks are faster. Same runs, V = 131072, medians of 4 rounds:
-# bf16 tiles of 48 (192 rows) / 32 / 24 / 16 / 12 MiB took 3.39 / 3.35 / 3.11 / 3.12 / 3.16 s with 0.079x / 0.069x /
-# 0.066x / 0.050x / 0.035x the logits in extra memory; fp32 tiles of 96 (192 rows) / 48 / 24 MiB 13.0 s each, with
-# 0.059x / 0.030x / 0.021x.
-DEFAULT_BLOCK_BYTES = 24 << 20
+# ... and at most this many bytes: at large V narrower blocks are faster, or as fast with less memory. Same runs,
+# V = 131072, medians of 4 rounds: bf16 tiles of 48 (192 rows) / 32 / 24 / 16 / 12 MiB took 3.39 / 3.35 / 3.11 /
+# 3.12 / 3.16 s with 0.079x / 0.069x / 0.066x / 0.050x / 0.035x the logits in extra memory; after the bf16 head
+# gradient's products changed (`_recompute_tiles`), 24 / 16 / 12 MiB 2.63 / 2.59 / 2.59 s with 0.069x / 0.063x /
+# 0.064x. fp32 tiles of 96 (192 rows) / 48 / 24 MiB took 13.0 s each, with 0.059x / 0.030x / 0.021x; at V = 32768,
+# 24 (192 rows) / 16 / 12 MiB 3.22 / 3.24 / 3.46 s.
+DEFAULT_BLOCK_BYTES = 16 << 20
 
 # Blocks of the vocabulary (recompute=True) are at least this wide: narrower ones make the matrix products slow.
 MIN_BLOCK_COLUMNS = 256

@@ -436,6 +436,74 @@ def first_row(values: list, predicate) -> int | None:
     return next((index for index, value in enumerate(values, 1) if predicate(value)), None)
 
 
+def check_sample_weights(dataset, path: str, column: str) -> list[float]:
+    """The per-example weights in `column` of the training file (a `datasets.Dataset`), as floats (numbers written
+    as text are read).
+
+    Raises:
+        `UsageError`: naming the file: no such column, or (with its row) an empty cell, a value that is not a number,
+            a NaN, an infinite or a negative weight; or every weight 0.
+    """
+    if column not in dataset.column_names:
+        raise UsageError(
+            path,
+            f"has no column {column!r} (--sample_weight_column); its columns: {', '.join(dataset.column_names)}",
+        )
+    weights = []
+    for row, value in enumerate(dataset[column], 1):
+        if is_empty_cell(value):
+            # CSV readers also turn "NaN" and "NA" into missing values.
+            raise UsageError(
+                path, f"row {row}: no weight (an empty cell or NaN) in column {column!r} (--sample_weight_column)"
+            )
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is None:
+            raise UsageError(path, f"row {row}: column {column!r} must hold numbers (weights), got {value!r}")
+        if not math.isfinite(number) or number < 0:
+            problem = "not a number (NaN)" if math.isnan(number) else "infinite" if number > 0 else "negative"
+            raise UsageError(
+                path, f"row {row}: weight {value!r} in column {column!r} is {problem}; weights are finite and >= 0"
+            )
+        weights.append(number)
+    if not any(weights):
+        raise UsageError(path, f"every weight in column {column!r} is 0: no training example would count")
+    return weights
+
+
+def describe_sample_weights(dataset, column: str | None) -> dict | None:
+    """For the record: the weights of the training examples used (`column`, `examples`, `sum`, `min`, `max`,
+    `zeros`), None without `--sample_weight_column`."""
+    if column is None:
+        return None
+    from hf_lsce.trainer import SAMPLE_WEIGHT_KEY  # here: the reports that use this module need no trainer
+
+    weights = np.asarray(dataset[SAMPLE_WEIGHT_KEY], dtype=np.float64)
+    return {
+        "column": column,
+        "examples": len(weights),
+        "sum": float(weights.sum()),
+        "min": float(weights.min()),
+        "max": float(weights.max()),
+        "zeros": int((weights == 0).sum()),
+    }
+
+
+def with_sample_weights(dataset, column: str, weights: list[float]):
+    """`dataset` with `weights` as its column `sample_weight` (`SmoothingTrainer`'s batch key) in place of `column`
+    (and of a `sample_weight` column it may already have)."""
+    from hf_lsce.trainer import SAMPLE_WEIGHT_KEY  # here: the reports that use this module need no trainer
+
+    replaced = {column, SAMPLE_WEIGHT_KEY} & set(dataset.column_names)
+    return dataset.remove_columns(sorted(replaced)).add_column(SAMPLE_WEIGHT_KEY, weights)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The Hugging Face Hub: fail in seconds, with one message, when it cannot be reached
 # ---------------------------------------------------------------------------------------------------------------------

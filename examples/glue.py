@@ -68,6 +68,8 @@ from common import (
     EvaluationRecorder,
     UsageError,
     check_sample_limit,
+    check_sample_weights,
+    describe_sample_weights,
     first_row,
     from_pretrained,
     hub_call,
@@ -78,6 +80,7 @@ from common import (
     run_cli,
     subsample,
     train_and_record,
+    with_sample_weights,
 )
 from pypi_corpora import EVALUATION_SETS, LOADERS
 from transformers import (
@@ -363,67 +366,8 @@ def load_local_files(args: DataArguments) -> tuple[dict[str, datasets.Dataset], 
             raise UsageError(files[split], f"labels {sorted(unknown)[:5]} do not occur in the training labels")
         splits[split] = with_label_ids(raw[split], args.label_column, [label_to_id[value] for value in values])
     if sample_weights is not None:
-        replaced = {args.sample_weight_column, SAMPLE_WEIGHT_KEY} & set(splits["train"].column_names)
-        splits["train"] = (
-            splits["train"].remove_columns(sorted(replaced)).add_column(SAMPLE_WEIGHT_KEY, sample_weights)
-        )
+        splits["train"] = with_sample_weights(splits["train"], args.sample_weight_column, sample_weights)
     return splits, text_columns, [str(name) for name in label_names]
-
-
-def check_sample_weights(dataset: datasets.Dataset, path: str, column: str) -> list[float]:
-    """The per-example weights in `column` of the training file, as floats (numbers written as text are read).
-
-    Raises:
-        `UsageError`: naming the file: no such column, or (with its row) an empty cell, a value that is not a number,
-            a NaN, an infinite or a negative weight; or every weight 0.
-    """
-    if column not in dataset.column_names:
-        raise UsageError(
-            path,
-            f"has no column {column!r} (--sample_weight_column); its columns: {', '.join(dataset.column_names)}",
-        )
-    weights = []
-    for row, value in enumerate(dataset[column], 1):
-        if is_empty_cell(value):
-            # CSV readers also turn "NaN" and "NA" into missing values.
-            raise UsageError(
-                path, f"row {row}: no weight (an empty cell or NaN) in column {column!r} (--sample_weight_column)"
-            )
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise UsageError(path, f"row {row}: column {column!r} must hold numbers (weights), got {value!r}")
-        if not math.isfinite(number) or number < 0:
-            problem = "not a number (NaN)" if math.isnan(number) else "infinite" if number > 0 else "negative"
-            raise UsageError(
-                path, f"row {row}: weight {value!r} in column {column!r} is {problem}; weights are finite and >= 0"
-            )
-        weights.append(number)
-    if not any(weights):
-        raise UsageError(path, f"every weight in column {column!r} is 0: no training example would count")
-    return weights
-
-
-def describe_sample_weights(dataset: datasets.Dataset, column: str | None) -> dict | None:
-    """For the record: the weights of the training examples used (`column`, `examples`, `sum`, `min`, `max`,
-    `zeros`), None without `--sample_weight_column`."""
-    if column is None:
-        return None
-    weights = np.asarray(dataset[SAMPLE_WEIGHT_KEY], dtype=np.float64)
-    return {
-        "column": column,
-        "examples": len(weights),
-        "sum": float(weights.sum()),
-        "min": float(weights.min()),
-        "max": float(weights.max()),
-        "zeros": int((weights == 0).sum()),
-    }
 
 
 def check_split(

@@ -8,6 +8,10 @@ Data, one of:
     and `tags` or `ner_tags`; tags may be strings or ints) or CoNLL files (`.conll`, `.txt`: one word per line with its
     tags, blank lines between sentences; the columns are named by `--conll_columns`).
 
+Per-example weights: `--sample_weight_column NAME` reads a numeric field of every training example of a local
+`.json`/`.jsonl` file (finite, non-negative, not all 0) into SmoothingTrainer's batch key `sample_weight`: it scales
+each labeled token of its example in the loss and in the mean's denominator (examples/glue.py's flag, per token).
+
 Sub-words: a word's label goes to its first sub-token; the other sub-tokens get -100, so neither the loss nor the
 metrics see them. With `--label_all_tokens` every sub-token is labeled (a `B-X` word's later pieces get `I-X`), and
 the loss and metrics count sub-tokens.
@@ -36,6 +40,8 @@ from common import (
     EvaluationRecorder,
     UsageError,
     check_sample_limit,
+    check_sample_weights,
+    describe_sample_weights,
     from_pretrained,
     hub_call,
     is_empty_cell,
@@ -45,13 +51,21 @@ from common import (
     run_cli,
     subsample,
     train_and_record,
+    with_sample_weights,
 )
-from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    DataCollatorForTokenClassification,
+    set_seed,
+)
 from transformers.utils import logging
 
 from hf_lsce import SmoothingTrainer, SmoothingTrainingArguments
 from hf_lsce.evaluation.evaluate_metrics import EntityMetric
 from hf_lsce.evaluation.metrics import classification_metrics
+from hf_lsce.trainer import SAMPLE_WEIGHT_KEY
 
 logger = logging.get_logger(__name__)
 
@@ -100,6 +114,14 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on a fixed subset of this size."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap the validation split (fixed subset)."})
     max_test_samples: int | None = field(default=None, metadata={"help": "Cap the test split (fixed subset)."})
+    sample_weight_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "A numeric field of every example of the .json/.jsonl --train_file whose value weights each of "
+            "the example's labeled tokens in the loss (SmoothingTrainer's sample_weight): finite, non-negative, not "
+            "all 0. Validation and test are not weighted."
+        },
+    )
 
     def __post_init__(self):
         if (self.dataset_name is None) == (self.train_file is None):
@@ -109,6 +131,10 @@ class DataArguments:
             )
         if self.train_file is not None and self.validation_file is None:
             raise UsageError("--train_file", "needs --validation_file too")
+        if self.sample_weight_column is not None and self.train_file is None:
+            raise UsageError(
+                "--sample_weight_column", "names a field of the local training file: give --train_file as well"
+            )
         for flag in ("max_train_samples", "max_eval_samples", "max_test_samples"):
             check_sample_limit(f"--{flag}", getattr(self, flag))
 
@@ -221,6 +247,13 @@ def main(args: list[str] | None = None) -> dict:
 
     raw = load_raw_datasets(data_args)
     label_column, label_names, to_ids = check_and_name_labels(raw, data_args)
+    weight_column = data_args.sample_weight_column
+    if weight_column is not None:
+        if weight_column in (data_args.text_column_name, label_column):
+            kind = "the label" if weight_column == label_column else "the text"
+            raise UsageError("--sample_weight_column", f"{weight_column!r} is {kind} column")
+        weights = check_sample_weights(raw["train"], data_args.train_file, weight_column)
+        raw["train"] = with_sample_weights(raw["train"], weight_column, weights)
     continuation = None
     if data_args.label_all_tokens:
         index = {name: i for i, name in enumerate(label_names)}
@@ -232,6 +265,8 @@ def main(args: list[str] | None = None) -> dict:
     limits["test"] = data_args.max_test_samples
     splits = {name: subsample(raw[name], limits[name]) for name in ("train", "validation", "test") if name in raw}
 
+    # The new classification head is drawn now, before the Trainer seeds: seed it, so that --seed reproduces a run.
+    set_seed(training_args.seed)
     tokenizer = from_pretrained(
         AutoTokenizer,
         model_args.tokenizer_name or model_args.model_name_or_path,
@@ -264,9 +299,14 @@ def main(args: list[str] | None = None) -> dict:
             encoded["labels"].append(align_labels(encoded.word_ids(row), word_labels, continuation))
         return encoded
 
+    def dropped(name: str, ds: datasets.Dataset) -> list[str]:
+        # The training split keeps its weights (with --sample_weight_column).
+        kept = {SAMPLE_WEIGHT_KEY} if name == "train" and weight_column is not None else set()
+        return [column for column in ds.column_names if column not in kept]
+
     with training_args.main_process_first(desc="tokenization"):
         encoded = {
-            name: ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {name}")
+            name: ds.map(tokenize, batched=True, remove_columns=dropped(name, ds), desc=f"Tokenizing {name}")
             for name, ds in splits.items()
         }
 
@@ -304,7 +344,7 @@ def main(args: list[str] | None = None) -> dict:
         config={**resolved_config(model_args, data_args, training_args), "config": config_file},
         start_time=start_time,
         official_metrics=["f1", "accuracy"],
-        extra={"label_names": label_names},
+        extra={"label_names": label_names, "sample_weights": describe_sample_weights(splits["train"], weight_column)},
         keep=labeled_tokens,
     )
 

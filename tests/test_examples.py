@@ -534,6 +534,40 @@ def test_token_classification_bad_input_is_one_line_and_status_2(case, tmp_path)
     check_one_line_error(status, stderr, expected.format(train=files["train"]))
 
 
+def ner_row(weight=None) -> dict:
+    row = {"tokens": ["Anna", "is", "in", "Paris"], "tags": ["B-PER", "O", "O", "B-LOC"]}
+    return row if weight is None else {**row, "w": weight}
+
+
+BAD_TOKEN_SAMPLE_WEIGHTS = {
+    # case: (training rows, extra flags, expected start of the error line)
+    "no such field": ([ner_row(), ner_row()], [], "error: {train}: has no column 'w' (--sample_weight_column)"),
+    "negative": ([ner_row(1), ner_row(-1)], [], "error: {train}: row 2: weight -1 in column 'w' is negative"),
+    "missing in a row": ([ner_row(1), ner_row()], [], "error: {train}: row 2: no weight (an empty cell or NaN)"),
+    "all zero": ([ner_row(0), ner_row(0.0)], [], "error: {train}: every weight in column 'w' is 0"),
+    "the text column": ([ner_row(1)], ["--sample_weight_column", "tokens"],
+                        "error: --sample_weight_column: 'tokens' is the text column"),
+    "the tag column": ([ner_row(1)], ["--sample_weight_column", "tags"],
+                       "error: --sample_weight_column: 'tags' is the label column"),
+    "no local file": (None, ["--dataset_name", "eriktks/conll2003"],
+                      "error: --sample_weight_column: names a field of the local training file"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TOKEN_SAMPLE_WEIGHTS))
+def test_token_classification_bad_sample_weights_are_one_line_before_the_model_loads(case, tmp_path):
+    rows, flags, expected = BAD_TOKEN_SAMPLE_WEIGHTS[case]
+    train = tmp_path / "train.jsonl"
+    # A model folder that does not exist: the data are checked first, so the error is about them.
+    args = ["--sample_weight_column", "w", *flags, "--model_name_or_path", str(tmp_path / "no_model")]
+    if rows is not None:
+        train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        (tmp_path / "validation.jsonl").write_text(json.dumps(ner_row()) + "\n")
+        args += ["--train_file", str(train), "--validation_file", str(tmp_path / "validation.jsonl")]
+    status, stderr = run_in_child(token_classification.main, [*args, "--output_dir", str(tmp_path)], tmp_path)
+    check_one_line_error(status, stderr, expected.format(train=train))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # glue.py end to end
 # ---------------------------------------------------------------------------------------------------------------------
@@ -836,6 +870,44 @@ def test_token_classification_end_to_end(tiny_bert, tmp_path):
         words = sum(len(json.loads(line)["tokens"]) for line in open(tmp_path / f"{split}.jsonl"))
         assert arrays[f"{split}_logits"].shape == (words, 4) and arrays[f"{split}_labels"].shape == (words,)
     assert {"eval_f1", "eval_precision", "eval_recall", "eval_nll"} <= set(record["evaluations"][0])
+
+
+def test_token_classification_sample_weights_train_as_the_weighted_truth(dropout_free_bert, tmp_path):
+    # As test_glue_sample_weights_train_as_the_weighted_truth, per token: one batch holds the whole training set, so
+    # weights 0/1 must train exactly as the weight-1 examples alone. Every sentence has 4 one-piece words, so no batch
+    # is padded. Negative control: the unweighted run on all examples differs.
+    rng = np.random.default_rng(8)
+    words = {"O": ["is", "in", "the", "and"], "B-PER": ["Anna"], "B-LOC": ["Paris"]}
+    rows = []
+    for i in range(12):
+        tags = [str(rng.choice(list(words))) for _ in range(4)]
+        tags[i % 4] = "B-PER" if i % 3 else "B-LOC"
+        rows.append({"tokens": [str(rng.choice(words[tag])) for tag in tags], "tags": tags, "keep": int(i % 3 != 1)})
+    for name, chosen in (("train", rows), ("kept", [row for row in rows if row["keep"]]), ("validation", rows[:6])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in chosen))
+    common_args = ["--model_name_or_path", dropout_free_bert, "--validation_file", str(tmp_path / "validation.jsonl"),
+                   *FAST_TRAINING, "--per_device_train_batch_size", "32", "--max_steps", "6", "--eval_strategy", "no",
+                   "--optim", "sgd", "--learning_rate", "1", "--lr_scheduler_type", "constant",
+                   "--seed", "7"]  # fmt: skip
+    runs = {
+        "keep": ["--train_file", str(tmp_path / "train.jsonl"), "--sample_weight_column", "keep"],
+        "kept": ["--train_file", str(tmp_path / "kept.jsonl")],
+        "all": ["--train_file", str(tmp_path / "train.jsonl")],
+    }
+    logits, records = {}, {}
+    for name, flags in runs.items():
+        token_classification.main([*common_args, *flags, "--output_dir", str(tmp_path / name)])
+        records[name], arrays = read_record(tmp_path / name)
+        logits[name] = arrays["validation_logits"]
+    assert records["keep"]["sample_weights"] == {"column": "keep", "examples": 12, "sum": 8.0, "min": 0.0,
+                                                 "max": 1.0, "zeros": 4}  # fmt: skip
+    assert records["all"]["sample_weights"] is None
+
+    def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a - b).max() / np.abs(b).max())
+
+    assert relative_difference(logits["keep"], logits["kept"]) < 1e-4
+    assert relative_difference(logits["all"], logits["kept"]) > 0.1  # the weights changed the training
 
 
 def test_glue_hub_path_mnli_with_a_stand_in_for_the_hub(tiny_bert, tmp_path, monkeypatch):

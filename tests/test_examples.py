@@ -723,6 +723,21 @@ def dropout_free_bert(tmp_path_factory) -> str:
     return save_tiny_bert(folder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
+def run_each(main, common_args: list[str], runs: dict[str, list[str]], folder: Path) -> tuple[dict, dict]:
+    """Runs a script's `main` once per named set of flags (output in `folder / name`): validation logits and records
+    by name."""
+    logits, records = {}, {}
+    for name, flags in runs.items():
+        main([*common_args, *flags, "--output_dir", str(folder / name)])
+        records[name], arrays = read_record(folder / name)
+        logits[name] = arrays["validation_logits"]
+    return logits, records
+
+
+def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
 def test_glue_sample_weights_train_as_the_weighted_truth(dropout_free_bert, tmp_path):
     # One batch holds the whole training set, so each step is the weighted mean over it, sum_i s_i l_i / sum_i s_i.
     # Weights 0/1 must train exactly as the weight-1 rows alone, and weights 1/3 as the weight-3 rows thrice, both
@@ -741,18 +756,11 @@ def test_glue_sample_weights_train_as_the_weighted_truth(dropout_free_bert, tmp_
         "repeated": ["--train_file", str(tmp_path / "repeated.csv")],
         "all": ["--train_file", str(tmp_path / "train.csv")],
     }
-    logits, records = {}, {}
-    for name, flags in runs.items():
-        glue.main([*common_args, *flags, "--output_dir", str(tmp_path / name)])
-        records[name], arrays = read_record(tmp_path / name)
-        logits[name] = arrays["validation_logits"]
+    logits, records = run_each(glue.main, common_args, runs, tmp_path)
     assert records["keep"]["config"]["sample_weight_column"] == "keep"
     assert records["keep"]["sample_weights"] == {"column": "keep", "examples": 16, "sum": 9.0, "min": 0.0,
                                                  "max": 1.0, "zeros": 7}  # fmt: skip
     assert records["repeat"]["sample_weights"]["sum"] == 28.0 and records["all"]["sample_weights"] is None
-
-    def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
-        return float(np.abs(a - b).max() / np.abs(b).max())
 
     # float32 sums in another order (the rows are shuffled) leave equal runs about 1e-6 apart; the unweighted run on
     # all rows was 1.7 and 1.9 apart from the two truths when this test was written.
@@ -894,17 +902,10 @@ def test_token_classification_sample_weights_train_as_the_weighted_truth(dropout
         "kept": ["--train_file", str(tmp_path / "kept.jsonl")],
         "all": ["--train_file", str(tmp_path / "train.jsonl")],
     }
-    logits, records = {}, {}
-    for name, flags in runs.items():
-        token_classification.main([*common_args, *flags, "--output_dir", str(tmp_path / name)])
-        records[name], arrays = read_record(tmp_path / name)
-        logits[name] = arrays["validation_logits"]
+    logits, records = run_each(token_classification.main, common_args, runs, tmp_path)
     assert records["keep"]["sample_weights"] == {"column": "keep", "examples": 12, "sum": 8.0, "min": 0.0,
                                                  "max": 1.0, "zeros": 4}  # fmt: skip
     assert records["all"]["sample_weights"] is None
-
-    def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
-        return float(np.abs(a - b).max() / np.abs(b).max())
 
     assert relative_difference(logits["keep"], logits["kept"]) < 1e-4
     assert relative_difference(logits["all"], logits["kept"]) > 0.1  # the weights changed the training

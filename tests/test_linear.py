@@ -234,8 +234,18 @@ def test_chunks_within_tiles_on_the_thread_pool(monkeypatch, rows_per_chunk, dty
     monkeypatch.setattr(
         hf_lsce.fused, "_pool", lambda workers, real=hf_lsce.fused._pool: pools.append(1) or real(workers)
     )
+    shapes, real_product = set(), hf_lsce.linear._product
+
+    def product(*args):
+        shapes.add(tuple(args[0].shape[:1]) + tuple(args[1].shape[:1]))
+        return real_product(*args)
+
+    monkeypatch.setattr(hf_lsce.linear, "_product", product)
     whole = loss_and_grads(linear_label_smoothed_cross_entropy, hidden, weight, target, bias, class_weight, **options)
     assert not pools
+    # The tiles the docstring describes: (rows, classes) of each product.
+    expected = {(25, 16), (5, 16), (25, 9), (5, 9)} if dtype == torch.float64 else {(30, 21), (30, 20)}
+    assert shapes == expected
     monkeypatch.setattr(hf_lsce.fused, "DEFAULT_CHUNK_BYTES", rows_per_chunk * 41 * 8)
     monkeypatch.setattr(hf_lsce.fused, "MIN_CHUNKS_PER_THREAD", 1)
     threads = torch.get_num_threads()

@@ -95,6 +95,14 @@ DEFAULT_BLOCK_ROWS = 192
 # 24 (192 rows) / 16 / 12 MiB 3.22 / 3.24 / 3.46 s.
 DEFAULT_BLOCK_BYTES = 16 << 20
 
+# Whatever the two above allow, a tile holds all counted rows by blocks of this many columns (or V / 16 if fewer):
+# every block is one more pass over the hidden states' fp32 gradient sum (counted rows x D), so with many rows the
+# blocks must not narrow. This widening keeps a tile within 1/16 of the logits. bf16, D = 1024, V = 131072, 10 %
+# ignored (ad hoc, one tile unless said): N = 16384 tiles of 16 MiB (545 columns) / 30 MiB (1024) / 48 MiB (1638)
+# took 14.8 / 10.9 / 11.9 s; N = 65536 48 MiB (409 columns) / 118 MiB (1024) 64 / 50 s, and 16 MiB (256 columns by
+# 2 row tiles) 94 s.
+WIDE_BLOCK_COLUMNS = 1024
+
 # Blocks of the vocabulary (recompute=True) are at least this wide: narrower ones make the matrix products slow.
 MIN_BLOCK_COLUMNS = 256
 
@@ -170,8 +178,9 @@ def linear_label_smoothed_cross_entropy(
             (``recompute=True``), or its fp32 logits with their bf16/fp16 product and the cap's derivative
             (``recompute=False``); a tile holds at least one row of the vocabulary (``recompute=False``) or
             ``MIN_BLOCK_COLUMNS`` columns. Defaults to `DEFAULT_BLOCK_ROWS` rows of the logits in the inputs' dtype
-            and at most `DEFAULT_BLOCK_BYTES` (``recompute=True``), or `DEFAULT_CHUNK_ROWS` rows of fp32 logits
-            (``recompute=False``): it does not grow with the number of tokens.
+            and at most `DEFAULT_BLOCK_BYTES`, or all counted rows by `WIDE_BLOCK_COLUMNS` (or V / 16) if more
+            (``recompute=True``): at most 1/16 of the logits; or `DEFAULT_CHUNK_ROWS` rows of fp32 logits
+            (``recompute=False``), which does not grow with the number of tokens.
         recompute (`bool`, *optional*): ``False``: gradients computed during the forward pass and kept until the
             backward pass (three matrix products; ``reduction="mean"`` or ``"sum"`` only). ``True``: logits
             recomputed in the backward pass (four products; nothing of the head's size is accumulated). None (the
@@ -624,8 +633,10 @@ class _Blocks:
     finishes each block of the head's gradient; more rows than that are split into row tiles."""
 
     def __init__(self, x: Tensor, rows: _Rows, options: _Options):
-        tile = _budget(options, DEFAULT_BLOCK_ROWS, x.dtype, DEFAULT_BLOCK_BYTES) // x.dtype.itemsize
         num_rows, self.num_classes = len(rows), options.num_classes
+        tile = _budget(options, DEFAULT_BLOCK_ROWS, x.dtype, DEFAULT_BLOCK_BYTES) // x.dtype.itemsize
+        if options.chunk_bytes is None:
+            tile = max(tile, num_rows * min(WIDE_BLOCK_COLUMNS, self.num_classes // 16))
         self.columns = min(self.num_classes, max(MIN_BLOCK_COLUMNS, tile // max(1, num_rows)))
         step = max(1, min(num_rows, tile // self.columns))
         self.row_tiles = [(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]

@@ -297,9 +297,11 @@ def test_negative_and_zero_incoming_gradients(linear, incoming):
 
 
 def test_default_tiles_are_capped_in_bytes(monkeypatch):
-    """recompute=True's default tile is `DEFAULT_BLOCK_ROWS` rows of the logits, at most `DEFAULT_BLOCK_BYTES`: with
-    the cap at 16 KiB, 40 counted bf16 rows x V = 1000 (192 rows would be 375 KiB) go in blocks of at most 204
-    columns; an explicit ``chunk_bytes`` is not capped. The losses and gradients agree with one tile."""
+    """recompute=True's default tile is `DEFAULT_BLOCK_ROWS` rows of the logits, at most `DEFAULT_BLOCK_BYTES`, but
+    all counted rows by `WIDE_BLOCK_COLUMNS` (or V / 16 if fewer) if that is more: 40 counted bf16 rows x V = 1000
+    (192 rows would be 375 KiB) go in blocks of 204 columns with the cap at 16 KiB, of 62 (V / 16) with the cap at
+    4 KiB, and of 51 (the cap) with `WIDE_BLOCK_COLUMNS` at 31; an explicit ``chunk_bytes`` is neither capped nor
+    widened. The losses and gradients agree with one tile."""
     hidden, weight, bias, target, class_weight = make_head((40,), 6, 1000, ignored=0, dtype=torch.bfloat16)
     products, real_product = [], hf_lsce.linear._product
 
@@ -324,8 +326,16 @@ def test_default_tiles_are_capped_in_bytes(monkeypatch):
     assert max(rows * columns * 2 for rows, columns in shapes) <= 16 << 10
     assert shapes == {(40, 204), (40, 184)}
     assert_all_close(capped, one_tile, rtol=2e-2, atol=2e-2)
+    monkeypatch.setattr(hf_lsce.linear, "DEFAULT_BLOCK_BYTES", 4 << 10)
+    _, shapes = run()
+    assert shapes == {(40, 62), (40, 8)}
+    monkeypatch.setattr(hf_lsce.linear, "WIDE_BLOCK_COLUMNS", 31)
+    _, shapes = run()
+    assert shapes == {(40, 51), (40, 31)}
     _, shapes = run(chunk_bytes=40 * 1000 * 2)
     assert shapes == {(40, 1000)}
+    _, shapes = run(chunk_bytes=4 << 10)
+    assert shapes == {(40, 51), (40, 31)}
 
 
 def test_tiles_of_many_rows_and_blocks_in_fp32(monkeypatch):

@@ -178,8 +178,8 @@ def linear_label_smoothed_cross_entropy(
             (``recompute=True``), or its fp32 logits with their bf16/fp16 product and the cap's derivative
             (``recompute=False``); a tile holds at least one row of the vocabulary (``recompute=False``) or
             ``MIN_BLOCK_COLUMNS`` columns. Defaults to `DEFAULT_BLOCK_ROWS` rows of the logits in the inputs' dtype
-            and at most `DEFAULT_BLOCK_BYTES`, or all counted rows by `WIDE_BLOCK_COLUMNS` (or V / 16) if more
-            (``recompute=True``): at most 1/16 of the logits; or `DEFAULT_CHUNK_ROWS` rows of fp32 logits
+            and at most `DEFAULT_BLOCK_BYTES`, or all counted rows by `WIDE_BLOCK_COLUMNS` (or V / 16) if more, a
+            widening of at most 1/16 of the logits (``recompute=True``); or `DEFAULT_CHUNK_ROWS` rows of fp32 logits
             (``recompute=False``), which does not grow with the number of tokens.
         recompute (`bool`, *optional*): ``False``: gradients computed during the forward pass and kept until the
             backward pass (three matrix products; ``reduction="mean"`` or ``"sum"`` only). ``True``: logits
@@ -437,7 +437,7 @@ class _Options:
     reduction: str
     softcap: float | None
     scale: float | None
-    chunk_bytes: int | None  # None: the defaults of `_budget`'s callers
+    chunk_bytes: int | None  # None: the defaults of `_row_tile_logits` and `_block_tile`
     recompute: bool
     needs: tuple[bool, bool, bool]  # gradients of hidden, head_weight, head_bias
     positions: tuple[int, ...]  # target's shape
@@ -576,22 +576,27 @@ def _statistics_by_rows(x, weight, bias, rows: _Rows, tile_weight, options: _Opt
 
 
 def _row_tile_logits(input_dtype: torch.dtype, options: _Options, with_gradient: bool) -> int:
-    """How many logits a chunk of rows holds (``recompute=False``): the budget (`_budget` in fp32) over the bytes per
-    logit of its buffers (fp32 logits, their bf16/fp16 product, the cap's derivative)."""
+    """How many logits a chunk of rows holds (``recompute=False``): ``chunk_bytes``, by default `DEFAULT_CHUNK_ROWS`
+    rows of fp32 logits, over the bytes per logit of its buffers (fp32 logits, their bf16/fp16 product, the cap's
+    derivative)."""
     nbytes = options.dtype.itemsize
     if input_dtype != options.dtype:
         nbytes += input_dtype.itemsize
     if options.softcap is not None and with_gradient:
         nbytes += options.dtype.itemsize
-    return _budget(options, DEFAULT_CHUNK_ROWS, options.dtype) // nbytes
+    budget = options.chunk_bytes
+    if budget is None:
+        budget = DEFAULT_CHUNK_ROWS * options.num_classes * options.dtype.itemsize
+    return budget // nbytes
 
 
-def _budget(options: _Options, rows: int, dtype: torch.dtype, most: int | None = None) -> int:
-    """Bytes of a tile: ``chunk_bytes``, by default ``rows`` rows of logits in ``dtype`` (at most ``most``)."""
+def _block_tile(options: _Options, num_rows: int, dtype: torch.dtype) -> int:
+    """Logits in a tile of `_Blocks`: ``chunk_bytes``' worth, by default `DEFAULT_BLOCK_ROWS` rows of the logits and
+    at most `DEFAULT_BLOCK_BYTES`, or ``num_rows`` rows by `WIDE_BLOCK_COLUMNS` (V / 16 if fewer) if that is more."""
     if options.chunk_bytes is not None:
-        return options.chunk_bytes
-    nbytes = rows * options.num_classes * dtype.itemsize
-    return nbytes if most is None else min(nbytes, most)
+        return options.chunk_bytes // dtype.itemsize
+    tile = min(DEFAULT_BLOCK_ROWS * options.num_classes, DEFAULT_BLOCK_BYTES // dtype.itemsize)
+    return max(tile, num_rows * min(WIDE_BLOCK_COLUMNS, options.num_classes // 16))
 
 
 def _statistics_by_blocks(x, weight, bias, rows: _Rows, tile_weight, options: _Options):
@@ -628,15 +633,13 @@ def _statistics_by_blocks(x, weight, bias, rows: _Rows, tile_weight, options: _O
 
 class _Blocks:
     """Tiles of vocabulary blocks x counted rows (``recompute=True``): a tile is the head's product in the inputs'
-    dtype, as many logits as the budget (`_budget`) holds, worked on in chunks of rows of `DEFAULT_CHUNK_BYTES` of
+    dtype, as many logits as `_block_tile` says, worked on in chunks of rows of `DEFAULT_CHUNK_BYTES` of
     fp32. Blocks are as wide as that allows with all counted rows in one tile, so that one product over all rows
     finishes each block of the head's gradient; more rows than that are split into row tiles."""
 
     def __init__(self, x: Tensor, rows: _Rows, options: _Options):
         num_rows, self.num_classes = len(rows), options.num_classes
-        tile = _budget(options, DEFAULT_BLOCK_ROWS, x.dtype, DEFAULT_BLOCK_BYTES) // x.dtype.itemsize
-        if options.chunk_bytes is None:
-            tile = max(tile, num_rows * min(WIDE_BLOCK_COLUMNS, self.num_classes // 16))
+        tile = _block_tile(options, num_rows, x.dtype)
         self.columns = min(self.num_classes, max(MIN_BLOCK_COLUMNS, tile // max(1, num_rows)))
         step = max(1, min(num_rows, tile // self.columns))
         self.row_tiles = [(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]

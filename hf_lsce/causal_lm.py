@@ -33,7 +33,7 @@ logger = logging.get_logger(__name__)
 # 256, batch 8 x 256, the 2-core VM with no other job; docs/performance.md), step time of the linear path over the
 # logits path's: 1.06x at V = 1024, 0.94x at 4096, 0.91x at 8192, 0.89x at 16384, 0.92x at 32768, 0.76x at 131072.
 # Under other jobs' load (1-minute load average 4-8) the tiles suffer most: 1.45x at 16384, 1.31x at 32768, 0.96x at
-# 131072 in earlier runs.
+# 131072 in earlier runs. Not 4096: a lead of 6 % is within the VM's run-to-run variation.
 LINEAR_MIN_VOCABULARY = 8192
 
 
